@@ -1,1 +1,76 @@
+//! wxgate, the server side of a WeChat Official Account: it receives every push WeChat
+//! sends to the account's URL, verifies, decrypts and types it, records it durably,
+//! recognises WeChat's retries and answers with the account owner's rules.
+//!
+//! [`build`] turns a [`Config`] into an axum [`Router`] (plus its store), and [`serve`]
+//! runs a router on an already bound listener until a shutdown future resolves, so that
+//! tests can bind `127.0.0.1:0` and drive the real thing.
 
+pub mod config;
+pub mod dedup;
+pub mod events;
+pub mod fields;
+pub mod http;
+pub mod rules;
+pub mod sim;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use config::{Config, ConfigError};
+
+use crate::dedup::{Answer, Dedup};
+use crate::http::AccountState;
+use crate::store::{Store, StoreError};
+
+/// A running server's parts: its routes and its store.
+pub struct App {
+    pub router: Router,
+    pub store: Store,
+}
+
+/// Opens the store, warms the retry window from it and builds the routes: one path per
+/// account (GET verification, POST pushes) and `/healthz`.
+pub fn build(config: &Config) -> Result<App, StoreError> {
+    let store = Store::open(&config.data_dir)?;
+    let window = Duration::from_secs(config.dedup_window_secs);
+    let dedup = Dedup::new(window, config.dedup_memory_entries);
+
+    // Retries that arrive just after a restart are recognised from memory.
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().saturating_sub(window);
+    let recent = store.recent_keys(since.as_millis() as i64, config.dedup_memory_entries)?;
+    for k in &recent {
+        let key = format!("{}\u{0}{}", k.account, k.dedup_key);
+        dedup.remember(&key, Answer { reply: k.reply.as_deref().map(Arc::from) });
+    }
+
+    let mut router = Router::new().route("/healthz", get(|| async { "ok\n" }));
+    for account in &config.accounts {
+        let state = Arc::new(AccountState {
+            account: account.clone(),
+            store: store.clone(),
+            dedup: dedup.clone(),
+            join_wait: Duration::from_millis(4500),
+        });
+        let routes = Router::new()
+            .route(&account.path, get(http::verify_url).post(http::receive))
+            .with_state(state);
+        router = router.merge(routes);
+    }
+    Ok(App { router, store })
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then finishes the requests
+/// in flight.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    info!("listening on http://{addr}");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}

@@ -1,1 +1,101 @@
-fn main(){}
+//! The `wxgate` command: serve accounts, check a config, print recorded pushes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use wxgate::Config;
+
+#[derive(Parser)]
+#[command(name = "wxgate", version, about = "WeChat Official Account push server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every account of the config file.
+    Serve {
+        #[arg(long, default_value = "wxgate.toml")]
+        config: PathBuf,
+        /// Overrides the file's `listen`; `127.0.0.1:0` picks a free port.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Check a config file and name the first field that is wrong.
+    CheckConfig {
+        #[arg(long, default_value = "wxgate.toml")]
+        config: PathBuf,
+    },
+    /// Print recorded pushes as JSON lines, oldest first.
+    Events {
+        #[arg(long, default_value = "wxgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::CheckConfig { config } => Config::load(&config).map(|c| {
+            println!("{}: ok ({} account{})", config.display(), c.accounts.len(), if c.accounts.len() == 1 { "" } else { "s" });
+        }).map_err(anyhow::Error::from),
+        Command::Events { config, account } => events(config, account),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let config = Config::load(&config)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let app = wxgate::build(&config)?;
+        let listener = tokio::net::TcpListener::bind(listen.unwrap_or(config.listen)).await?;
+        wxgate::serve(listener, app.router, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn events(config: PathBuf, account: Option<String>) -> anyhow::Result<()> {
+    let config = Config::load(&config)?;
+    if let Some(name) = &account {
+        anyhow::ensure!(config.account(name).is_some(), "no account named {name:?} in the config");
+    }
+    let rows = wxgate::store::read_all(&config.data_dir, account.as_deref())?;
+    let mut out = std::io::stdout().lock();
+    for row in &rows {
+        writeln!(out, "{}", wxgate::events::to_json(row))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! The configuration file (`wxgate.toml`): server settings, accounts and their reply
+//! rules, read once into typed values. Every problem is reported with the path of the
+//! field that causes it, e.g. `accounts[0].encoding_aes_key: must be 43 characters, got 42`.
+//!
+//! Secrets need not sit in the file: any of `app_id`, `token`, `encoding_aes_key`,
+//! `previous_token` and `previous_encoding_aes_key` may be written `"${VAR}"`, and is then
+//! read from the environment variable `VAR` at start-up.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use wxgate_protocol::EncodingAesKey;
+
+use crate::rules::{Rule, RuleFile};
+
+/// Default freshness window for the query `timestamp`, in seconds.
+pub const DEFAULT_SKEW_SECS: u64 = 300;
+/// Default largest accepted body, in bytes.
+pub const DEFAULT_MAX_BODY: usize = 262_144;
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl fmt::Display) -> Self {
+        ConfigError { path: path.into(), message: message.to_string() }
+    }
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Folder of the embedded store, relative to the config file. Default `wxgate-data`.
+    pub data_dir: PathBuf,
+    /// How long a push's key is remembered in memory to recognise WeChat's retries
+    /// (they come within about 15 s). The store keeps keys for good. Default 600 s.
+    pub dedup_window_secs: u64,
+    /// Most recently answered pushes kept in memory. Default 200,000.
+    pub dedup_memory_entries: usize,
+    pub accounts: Vec<Account>,
+}
+
+/// A token, redacted from `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// One Official Account served on its own path.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub path: String,
+    pub app_id: String,
+    /// Current token first, then the previous one during a rotation.
+    pub tokens: Vec<Secret>,
+    /// Current EncodingAESKey first, then the previous one during a rotation.
+    pub aes_keys: Vec<EncodingAesKey>,
+    /// 0 turns the freshness check off.
+    pub max_timestamp_skew_secs: u64,
+    pub require_encryption: bool,
+    pub max_body_bytes: usize,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    dedup_window_secs: Option<u64>,
+    dedup_memory_entries: Option<usize>,
+    #[serde(default)]
+    accounts: Vec<FileAccount>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAccount {
+    name: String,
+    path: String,
+    app_id: String,
+    token: String,
+    encoding_aes_key: Option<String>,
+    previous_token: Option<String>,
+    previous_encoding_aes_key: Option<String>,
+    max_timestamp_skew_secs: Option<u64>,
+    require_encryption: Option<bool>,
+    max_body_bytes: Option<usize>,
+    #[serde(default)]
+    rules: Vec<RuleFile>,
+}
+
+impl Config {
+    /// Reads and checks a configuration file. Relative `data_dir`s are taken from the
+    /// file's folder, so the server finds its data whatever the working directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+        let mut config = Config::parse(&text)?;
+        if config.data_dir.is_relative() {
+            let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            config.data_dir = base.join(&config.data_dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let path = e.span().map(|s| location(text, s.start)).unwrap_or_else(|| "config".into());
+            ConfigError::new(path, e.message())
+        })?;
+        let listen = match file.listen {
+            Some(l) => l.parse().map_err(|e| ConfigError::new("listen", format!("{e}: {l:?}")))?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        if file.accounts.is_empty() {
+            return Err(ConfigError::new("accounts", "at least one [[accounts]] is required"));
+        }
+        let mut names = HashSet::new();
+        let mut paths = HashSet::new();
+        let mut accounts = Vec::new();
+        for (i, a) in file.accounts.into_iter().enumerate() {
+            let account = Account::check(a, &format!("accounts[{i}]"))?;
+            if !names.insert(account.name.clone()) {
+                return Err(ConfigError::new(format!("accounts[{i}].name"), "another account has this name"));
+            }
+            if !paths.insert(account.path.clone()) {
+                return Err(ConfigError::new(format!("accounts[{i}].path"), "another account serves this path"));
+            }
+            accounts.push(account);
+        }
+        let dedup_memory_entries = file.dedup_memory_entries.unwrap_or(200_000);
+        if dedup_memory_entries == 0 {
+            return Err(ConfigError::new("dedup_memory_entries", "must be at least 1"));
+        }
+        Ok(Config {
+            listen,
+            data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
+            dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
+            dedup_memory_entries,
+            accounts,
+        })
+    }
+
+    /// The account of this name.
+    pub fn account(&self, name: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| a.name == name)
+    }
+}
+
+impl Account {
+    fn check(a: FileAccount, at: &str) -> Result<Account, ConfigError> {
+        let field = |name: &str| format!("{at}.{name}");
+        if a.name.is_empty() || !a.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(ConfigError::new(field("name"), "use letters, digits, '_' or '-' (not empty)"));
+        }
+        if !a.path.starts_with('/') || a.path.contains(['?', '#', ' ']) {
+            return Err(ConfigError::new(field("path"), format!("must be a URL path starting with '/', got {:?}", a.path)));
+        }
+        let app_id = expand(&a.app_id, &field("app_id"))?;
+        if app_id.is_empty() {
+            return Err(ConfigError::new(field("app_id"), "must not be empty"));
+        }
+
+        let mut tokens = vec![token(&a.token, &field("token"))?];
+        if let Some(prev) = &a.previous_token {
+            tokens.push(token(prev, &field("previous_token"))?);
+        }
+        let mut aes_keys = Vec::new();
+        for (name, value) in [("encoding_aes_key", &a.encoding_aes_key), ("previous_encoding_aes_key", &a.previous_encoding_aes_key)] {
+            if let Some(v) = value {
+                let v = expand(v, &field(name))?;
+                aes_keys.push(EncodingAesKey::parse(&v).map_err(|e| ConfigError::new(field(name), e))?);
+            }
+        }
+        if a.previous_encoding_aes_key.is_some() && a.encoding_aes_key.is_none() {
+            return Err(ConfigError::new(field("previous_encoding_aes_key"), "needs encoding_aes_key as well"));
+        }
+        let require_encryption = a.require_encryption.unwrap_or(false);
+        if require_encryption && aes_keys.is_empty() {
+            return Err(ConfigError::new(field("require_encryption"), "needs encoding_aes_key"));
+        }
+        let max_body_bytes = a.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+        if !(1024..=16 << 20).contains(&max_body_bytes) {
+            return Err(ConfigError::new(field("max_body_bytes"), "must be between 1024 and 16777216"));
+        }
+        let rules = a
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| Rule::check(r, &format!("{at}.rules[{i}]")))
+            .collect::<Result<_, _>>()?;
+
+        Ok(Account {
+            name: a.name,
+            path: a.path,
+            app_id,
+            tokens,
+            aes_keys,
+            max_timestamp_skew_secs: a.max_timestamp_skew_secs.unwrap_or(DEFAULT_SKEW_SECS),
+            require_encryption,
+            max_body_bytes,
+            rules,
+        })
+    }
+}
+
+fn token(value: &str, path: &str) -> Result<Secret, ConfigError> {
+    let t = expand(value, path)?;
+    if t.is_empty() {
+        return Err(ConfigError::new(path, "must not be empty"));
+    }
+    Ok(Secret(t))
+}
+
+/// Resolves `"${VAR}"` from the environment; any other value is taken as written.
+fn expand(value: &str, path: &str) -> Result<String, ConfigError> {
+    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+        Some(var) => std::env::var(var)
+            .map_err(|_| ConfigError::new(path, format!("environment variable {var} is not set"))),
+        None => Ok(value.to_owned()),
+    }
+}
+
+/// `line L, column C` of a byte offset, for TOML syntax errors.
+fn location(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[accounts]]
+name = "demo"
+path = "/wechat"
+app_id = "wx7c1f0e2a9b3d4e5f"
+token = "qaHeldoutTok2024"
+encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        let a = &c.accounts[0];
+        assert_eq!(a.max_timestamp_skew_secs, 300);
+        assert_eq!(a.max_body_bytes, 262_144);
+        assert!(!a.require_encryption);
+        assert_eq!(format!("{:?}", a.tokens), "[<redacted>]");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            err(&BASE.replace("Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ", "short")),
+            "accounts[0].encoding_aes_key: must be 43 characters, got 5"
+        );
+        assert!(err(&BASE.replace("token =", "tokn =")).contains("unknown field `tokn`"));
+        assert!(err(&format!("{BASE}\n[[accounts.rules]]\nwhen = {{ content_regex = \"(\" }}\nreply = {{ text = \"x\" }}"))
+            .starts_with("accounts[0].rules[0].when.content_regex:"));
+        assert_eq!(err(&format!("{BASE}{BASE}")), "accounts[1].name: another account has this name");
+        assert_eq!(err("listen = \"nope\""), "listen: invalid socket address syntax: \"nope\"");
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment() {
+        let text = BASE.replace("\"qaHeldoutTok2024\"", "\"${WXGATE_TEST_TOKEN_UNSET}\"");
+        assert_eq!(err(&text), "accounts[0].token: environment variable WXGATE_TEST_TOKEN_UNSET is not set");
+        let text = BASE.replace("\"qaHeldoutTok2024\"", "\"${PATH}\"");
+        assert_eq!(Config::parse(&text).unwrap().accounts[0].tokens[0].expose(), std::env::var("PATH").unwrap());
+    }
+}

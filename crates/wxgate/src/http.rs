@@ -1,0 +1,542 @@
+//! The account endpoint: GET URL verification and POST pushes, as WeChat sends them.
+//!
+//! A POST goes through, in order: the URL `signature` (before any byte of the body is
+//! read), the timestamp window, the mode (`encrypt_type`), a capped body read, the outer
+//! XML, `msg_signature` over the envelope and decryption (encrypted modes), typing,
+//! de-duplication, the account's rules, the store, and the reply in the request's mode.
+//! Every refusal is a [`Rejection`], mapped to its HTTP status in one place.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tracing::{debug, error, info, warn};
+use wxgate_protocol::crypto::CryptoError;
+use wxgate_protocol::push::PushError;
+use wxgate_protocol::reply::{self, SUCCESS};
+use wxgate_protocol::signature;
+use wxgate_protocol::xml::{self, XmlError};
+use wxgate_protocol::Push;
+
+use crate::config::Account;
+use crate::dedup::{Answer, Claim, Dedup};
+use crate::fields;
+use crate::rules;
+use crate::store::{Inserted, NewRecord, Store, StoreError};
+
+/// How much of an oversized or refused body is read and thrown away, so that the client
+/// can finish sending and read our answer instead of seeing its connection reset.
+const DRAIN_LIMIT: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// A body that takes longer than this to arrive is refused.
+const BODY_TIME: Duration = Duration::from_secs(10);
+
+/// Everything one account's endpoint needs.
+pub struct AccountState {
+    pub account: Account,
+    pub store: Store,
+    pub dedup: Arc<Dedup>,
+    /// How long a retry waits for the delivery in flight before it gives up (and is
+    /// answered 503, so that WeChat tries once more). Below WeChat's 5 s.
+    pub join_wait: Duration,
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("missing query parameter {0}")]
+    MissingParam(&'static str),
+    #[error("signature does not match")]
+    BadSignature,
+    #[error("timestamp outside the {0} s window")]
+    StaleTimestamp(u64),
+    #[error("plaintext push refused: this account requires encryption")]
+    PlaintextRefused,
+    #[error("unknown encrypt_type {0:?}")]
+    UnknownEncryptType(String),
+    #[error("encrypted push but no encoding_aes_key is configured")]
+    NoAesKey,
+    #[error("msg_signature does not match the envelope")]
+    BadMsgSignature,
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("body did not arrive in time")]
+    SlowBody,
+    #[error("body could not be read: {0}")]
+    BodyRead(String),
+    #[error("body is not utf-8")]
+    NotUtf8,
+    #[error("{0}")]
+    Xml(#[from] XmlError),
+    #[error("envelope has no Encrypt element")]
+    MissingEncrypt,
+    #[error("envelope does not decrypt: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the first delivery of this push is still being answered")]
+    StillInFlight,
+}
+
+impl Rejection {
+    fn status(&self) -> StatusCode {
+        use Rejection::*;
+        match self {
+            MissingParam(_) | BadSignature | StaleTimestamp(_) | PlaintextRefused | BadMsgSignature => {
+                StatusCode::FORBIDDEN
+            }
+            TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            SlowBody => StatusCode::REQUEST_TIMEOUT,
+            UnknownEncryptType(_) | NoAesKey | BodyRead(_) | NotUtf8 | Xml(_) | MissingEncrypt | Crypto(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Store(_) | StillInFlight => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut body = self.to_string();
+        body.push('\n');
+        (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+    }
+}
+
+/// Logs a refusal once, at the edge, and turns it into the response. Client mistakes go
+/// to the `wxgate::rejected` target at warn, our own failures at error.
+fn refuse(account: &str, method: &str, e: Rejection) -> Response {
+    let status = e.status().as_u16();
+    if status >= 500 {
+        error!(target: "wxgate::store", account, method, status, reason = %e, "push not acknowledged");
+    } else {
+        warn!(target: "wxgate::rejected", account, method, status, reason = %e, "request refused");
+    }
+    e.into_response()
+}
+
+/// The query parameters WeChat signs, percent-decoded (a `+` stays a `+`).
+#[derive(Default)]
+struct Query {
+    signature: Option<String>,
+    timestamp: Option<String>,
+    nonce: Option<String>,
+    echostr: Option<String>,
+    encrypt_type: Option<String>,
+    msg_signature: Option<String>,
+}
+
+impl Query {
+    fn parse(query: Option<&str>) -> Query {
+        let mut q = Query::default();
+        for pair in query.unwrap_or_default().split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match name {
+                "signature" => &mut q.signature,
+                "timestamp" => &mut q.timestamp,
+                "nonce" => &mut q.nonce,
+                "echostr" => &mut q.echostr,
+                "encrypt_type" => &mut q.encrypt_type,
+                "msg_signature" => &mut q.msg_signature,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(percent_decode(value));
+            }
+        }
+        q
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// GET: WeChat's URL verification (服务器配置验证). The `echostr` goes back verbatim, in
+/// every mode (only WeCom encrypts it).
+pub async fn verify_url(State(state): State<Arc<AccountState>>, req: Request) -> Response {
+    let q = Query::parse(req.uri().query());
+    match state.verify_url(&q) {
+        Ok(echo) => {
+            info!(account = %state.account.name, "url verified");
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], echo).into_response()
+        }
+        Err(e) => refuse(&state.account.name, "GET", e),
+    }
+}
+
+/// POST: a push.
+pub async fn receive(State(state): State<Arc<AccountState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let q = Query::parse(parts.uri.query());
+    match state.receive(&q, &parts.headers, body, started).await {
+        Ok(response) => response,
+        Err(e) => refuse(&state.account.name, "POST", e),
+    }
+}
+
+/// Which of the account's secrets authenticated a request (rotation keeps two).
+struct Credentials {
+    token: usize,
+    key: Option<usize>,
+}
+
+/// How a push was handled, for the log line.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Handled,
+    RetryJoined,
+    Duplicate,
+    DeadLetter,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Handled => "handled",
+            Outcome::RetryJoined => "retry_joined",
+            Outcome::Duplicate => "duplicate",
+            Outcome::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+impl AccountState {
+    fn verify_url(&self, q: &Query) -> Result<String, Rejection> {
+        self.check_signature(q)?;
+        q.echostr.clone().ok_or(Rejection::MissingParam("echostr"))
+    }
+
+    /// Checks the URL signature and the timestamp window; returns the token that matched.
+    fn check_signature(&self, q: &Query) -> Result<usize, Rejection> {
+        let sig = q.signature.as_deref().ok_or(Rejection::MissingParam("signature"))?;
+        let ts = q.timestamp.as_deref().ok_or(Rejection::MissingParam("timestamp"))?;
+        let nonce = q.nonce.as_deref().ok_or(Rejection::MissingParam("nonce"))?;
+        let token = self
+            .account
+            .tokens
+            .iter()
+            .position(|t| signature::verify(sig, &[t.expose(), ts, nonce]))
+            .ok_or(Rejection::BadSignature)?;
+        let window = self.account.max_timestamp_skew_secs;
+        if window > 0 {
+            let fresh = ts.parse::<u64>().is_ok_and(|t| t.abs_diff(unix_now()) <= window);
+            if !fresh {
+                return Err(Rejection::StaleTimestamp(window));
+            }
+        }
+        Ok(token)
+    }
+
+    async fn receive(&self, q: &Query, headers: &HeaderMap, body: Body, started: Instant) -> Result<Response, Rejection> {
+        // Authenticate the request before reading its body: a stranger's megabytes cost
+        // nothing but the drain.
+        let checked = self.check_signature(q).and_then(|token| {
+            let encrypted = match q.encrypt_type.as_deref() {
+                None | Some("") | Some("raw") => false,
+                Some("aes") => true,
+                Some(other) => return Err(Rejection::UnknownEncryptType(other.to_owned())),
+            };
+            if !encrypted && self.account.require_encryption {
+                return Err(Rejection::PlaintextRefused);
+            }
+            if encrypted && self.account.aes_keys.is_empty() {
+                return Err(Rejection::NoAesKey);
+            }
+            if encrypted && q.msg_signature.is_none() {
+                return Err(Rejection::MissingParam("msg_signature"));
+            }
+            Ok((token, encrypted))
+        });
+        let (token, encrypted) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                drain(body);
+                return Err(e);
+            }
+        };
+        let body = read_body(body, headers, self.account.max_body_bytes).await?;
+        let doc = std::str::from_utf8(&body).map_err(|_| Rejection::NotUtf8)?;
+
+        let outer = xml::parse(doc)?;
+        let (inner, creds) = if encrypted {
+            let encrypt = outer.text_of("Encrypt").ok_or(Rejection::MissingEncrypt)?;
+            let (ts, nonce) = (q.timestamp.as_deref().unwrap_or_default(), q.nonce.as_deref().unwrap_or_default());
+            let msg_sig = q.msg_signature.as_deref().unwrap_or_default();
+            let tok = self.account.tokens[token].expose();
+            if !signature::verify(msg_sig, &[tok, ts, nonce, encrypt]) {
+                return Err(Rejection::BadMsgSignature);
+            }
+            let (inner, key) = self.decrypt(encrypt)?;
+            (Some(inner), Credentials { token, key: Some(key) })
+        } else {
+            (None, Credentials { token, key: None })
+        };
+
+        // Type the push. Inside a verified envelope a document we cannot understand is
+        // still authentic: it is kept as a dead letter and answered `success`. A DTD or
+        // an undeclared entity is refused everywhere.
+        let doc = inner.as_deref().unwrap_or(doc);
+        let parsed = match &inner {
+            Some(inner) => xml::parse(inner),
+            None => Ok(outer),
+        };
+        let parsed = match parsed {
+            Err(e @ (XmlError::Doctype | XmlError::UnknownEntity(_))) => return Err(e.into()),
+            Err(e) => Err(PushError::Xml(e)),
+            Ok(root) => Push::from_element(root),
+        };
+        let (outcome, answer, kind) = match parsed {
+            Ok(push) => self.handle(&push, doc, encrypted).await?,
+            Err(e) => self.dead_letter(doc, encrypted, &e).await?,
+        };
+
+        let reply_kind = answer.reply.as_deref().and_then(reply_msg_type).unwrap_or("none");
+        info!(
+            account = %self.account.name,
+            kind,
+            dedup = outcome.as_str(),
+            reply = reply_kind,
+            encrypted,
+            latency_us = started.elapsed().as_micros() as u64,
+            "push"
+        );
+        Ok(self.respond(&answer, encrypted.then_some(&creds)))
+    }
+
+    /// Tries the current key, then the previous one during a rotation.
+    fn decrypt(&self, encrypt: &str) -> Result<(String, usize), Rejection> {
+        let mut first_err = None;
+        for (i, key) in self.account.aes_keys.iter().enumerate() {
+            match key.open(encrypt, &self.account.app_id) {
+                Ok(inner) => return Ok((inner, i)),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(Rejection::Crypto(first_err.unwrap_or(CryptoError::Padding)))
+    }
+
+    /// De-duplicates, answers by the rules and records a typed push.
+    async fn handle(&self, push: &Push, doc: &str, encrypted: bool) -> Result<(Outcome, Answer, &'static str), Rejection> {
+        let kind = push.kind_name();
+        let key = push.dedup_key();
+        let make = || {
+            let reply = rules::answer(&self.account.rules, push);
+            let max = reply::max_articles(push);
+            let dropped = reply.dropped_articles(max);
+            if dropped > 0 {
+                warn!(account = %self.account.name, dropped, max, "news reply cut to WeChat's article limit");
+            }
+            let xml = reply.to_xml(&push.from, &push.to, unix_now(), max);
+            NewRecord {
+                account: self.account.name.clone(),
+                dedup_key: key.clone(),
+                kind: kind.to_owned(),
+                msg_type: Some(push.msg_type.clone()),
+                event: push.event_name().map(str::to_owned),
+                from_user: Some(push.from.clone()),
+                to_user: Some(push.to.clone()),
+                create_time: Some(push.create_time.raw().to_owned()).filter(|c| !c.is_empty()),
+                encrypted,
+                xml: doc.to_owned(),
+                fields: serde_json::Value::Object(fields::of_push(push)).to_string(),
+                reply: xml,
+                dead_letter: false,
+                error: None,
+                received_at_ms: unix_ms(),
+            }
+        };
+        let (outcome, answer) = self.once(&key, make).await?;
+        Ok((outcome, answer, kind))
+    }
+
+    /// Records an authentic push that could not be understood; it is answered `success`.
+    async fn dead_letter(&self, doc: &str, encrypted: bool, e: &PushError) -> Result<(Outcome, Answer, &'static str), Rejection> {
+        debug!(account = %self.account.name, error = %e, "push kept as dead letter");
+        let key = format!("dead:{}", hex::encode(sha1_digest(doc.as_bytes())));
+        let fields = xml::parse(doc).map(|root| fields::object(&root)).unwrap_or_default();
+        let make = || NewRecord {
+            account: self.account.name.clone(),
+            dedup_key: key.clone(),
+            kind: "dead_letter".into(),
+            encrypted,
+            xml: doc.to_owned(),
+            fields: serde_json::Value::Object(fields).to_string(),
+            dead_letter: true,
+            error: Some(e.to_string()),
+            received_at_ms: unix_ms(),
+            ..NewRecord::default()
+        };
+        let (outcome, answer) = self.once(&key, make).await?;
+        let outcome = if matches!(outcome, Outcome::Handled) { Outcome::DeadLetter } else { outcome };
+        Ok((outcome, answer, "dead_letter"))
+    }
+
+    /// Runs `make` and stores its record at most once per key, joining a delivery in
+    /// flight or reusing a recorded answer.
+    async fn once(&self, key: &str, make: impl FnOnce() -> NewRecord) -> Result<(Outcome, Answer), Rejection> {
+        let key = format!("{}\u{0}{key}", self.account.name);
+        let mut make = Some(make);
+        let deadline = Instant::now() + self.join_wait;
+        loop {
+            match self.dedup.claim(&key) {
+                Claim::Done(answer) => {
+                    self.store.note_retry(&self.account.name, key_part(&key));
+                    return Ok((Outcome::Duplicate, answer));
+                }
+                Claim::InFlight(mut rx) => {
+                    let wait = tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await;
+                    match wait {
+                        Ok(Ok(answer)) => {
+                            let answer = answer.clone().unwrap_or(Answer { reply: None });
+                            self.store.note_retry(&self.account.name, key_part(&key));
+                            return Ok((Outcome::RetryJoined, answer));
+                        }
+                        // The first delivery failed and released the key: try ourselves.
+                        Ok(Err(_)) => continue,
+                        Err(_) => return Err(Rejection::StillInFlight),
+                    }
+                }
+                Claim::New(guard) => {
+                    let Some(make) = make.take() else { return Err(Rejection::StillInFlight) };
+                    let record = make();
+                    let reply = record.reply.clone();
+                    return match self.store.insert(record).await? {
+                        Inserted::New => {
+                            let answer = Answer { reply: reply.map(Arc::from) };
+                            guard.finish(answer.clone());
+                            Ok((Outcome::Handled, answer))
+                        }
+                        Inserted::Existing { reply } => {
+                            let answer = Answer { reply: reply.map(Arc::from) };
+                            guard.finish(answer.clone());
+                            Ok((Outcome::Duplicate, answer))
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// The HTTP answer: `success` for no reply, else the reply XML, sealed when the push
+    /// came encrypted (with a fresh TimeStamp, Nonce and MsgSignature).
+    fn respond(&self, answer: &Answer, encrypted: Option<&Credentials>) -> Response {
+        let Some(xml) = answer.reply.as_deref() else {
+            return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], SUCCESS).into_response();
+        };
+        let body = match encrypted {
+            None => xml.to_owned(),
+            Some(creds) => {
+                let key = &self.account.aes_keys[creds.key.unwrap_or(0)];
+                let token = self.account.tokens[creds.token].expose();
+                let encrypt = key.seal(xml, &self.account.app_id);
+                let timestamp = unix_now();
+                let nonce = fresh_nonce();
+                let sig = signature::msg_signature(token, &timestamp.to_string(), &nonce, &encrypt);
+                reply::envelope(&encrypt, &sig, timestamp, &nonce)
+            }
+        };
+        ([(header::CONTENT_TYPE, "application/xml; charset=utf-8")], body).into_response()
+    }
+}
+
+fn key_part(full: &str) -> &str {
+    full.split_once('\u{0}').map_or(full, |(_, k)| k)
+}
+
+/// The MsgType of a rendered reply, for the log line.
+fn reply_msg_type(xml: &str) -> Option<&'static str> {
+    const KNOWN: &[&str] = &["text", "image", "voice", "video", "music", "news", "transfer_customer_service"];
+    let start = xml.find("<MsgType><![CDATA[")? + "<MsgType><![CDATA[".len();
+    let rest = &xml[start..];
+    let t = &rest[..rest.find(']')?];
+    KNOWN.iter().copied().find(|known| *known == t)
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn fresh_nonce() -> String {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    u32::from_le_bytes(b).to_string()
+}
+
+fn sha1_digest(data: &[u8]) -> [u8; 20] {
+    use sha1::Digest;
+    sha1::Sha1::digest(data).into()
+}
+
+/// Reads at most `max` bytes of body. A declared or actual excess is refused with 413
+/// at once; the rest is drained in the background, never buffered.
+async fn read_body(mut body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, Rejection> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        drain(body);
+        return Err(Rejection::TooLarge(max));
+    }
+    let read = async {
+        let mut buf = Vec::with_capacity(declared.map_or(4096, |n| n as usize));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Rejection::BodyRead(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > max {
+                    return Err(Rejection::TooLarge(max));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    let result = tokio::time::timeout(BODY_TIME, read).await.unwrap_or(Err(Rejection::SlowBody));
+    if matches!(result, Err(Rejection::TooLarge(_) | Rejection::SlowBody)) {
+        drain(body);
+    }
+    result
+}
+
+/// Reads and discards what is left of a body, bounded in bytes and time.
+fn drain(mut body: Body) {
+    tokio::spawn(async move {
+        let mut seen = 0usize;
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len());
+                if seen > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
