@@ -61,6 +61,8 @@ fn main() -> ExitCode {
 fn serve(config: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::load(&config)?;
     let runtime = tokio::runtime::Runtime::new()?;

@@ -1,0 +1,5 @@
+//! Integration tests: one binary, a module per area, sharing `helpers`.
+#![allow(unreachable_pub, dead_code)]
+
+mod cases;
+mod helpers;
