@@ -80,7 +80,8 @@ impl Server {
 
     /// Every record in the store, as `wxgate events` prints them.
     pub fn records(&self) -> Vec<Value> {
-        wxgate::store::read_all(&self.dir.path().join("data"), None)
+        let data = wxgate::Config::load(&self.config).unwrap().data_dir;
+        wxgate::store::read_all(&data, None)
             .unwrap()
             .iter()
             .map(wxgate::events::to_json)

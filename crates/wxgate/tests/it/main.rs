@@ -1,5 +1,7 @@
 //! Integration tests: one binary, a module per area, sharing `helpers`.
 #![allow(unreachable_pub, dead_code)]
 
+mod bad_input;
 mod cases;
+mod demo;
 mod helpers;
