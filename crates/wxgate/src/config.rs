@@ -294,6 +294,13 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
     }
 
     #[test]
+    fn shipped_configs_are_valid() {
+        for text in [include_str!("../../../wxgate.toml"), include_str!("../../../config/wxgate.example.toml")] {
+            Config::parse(text).unwrap();
+        }
+    }
+
+    #[test]
     fn secrets_come_from_the_environment() {
         let text = BASE.replace("\"qaHeldoutTok2024\"", "\"${WXGATE_TEST_TOKEN_UNSET}\"");
         assert_eq!(err(&text), "accounts[0].token: environment variable WXGATE_TEST_TOKEN_UNSET is not set");

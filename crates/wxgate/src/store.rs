@@ -163,14 +163,17 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        // One result per op, in order (None for delivery counts, which nobody awaits).
         let mut results = Vec::with_capacity(batch.len());
         let outcome = commit(&mut conn, &batch, &mut results);
-        for (op, result) in batch.drain(..).zip(results.into_iter().map(Some).chain(std::iter::repeat(None))) {
+        let mut results = results.into_iter();
+        for op in batch.drain(..) {
+            let result = results.next().flatten();
             if let Op::Insert(_, done) = op {
                 let answer = match (&outcome, result) {
                     (Ok(()), Some(r)) => Ok(r),
                     (Err(e), _) => Err(e.clone()),
-                    (Ok(()), None) => Err(StoreError::Write("no result".into())),
+                    (Ok(()), None) => Err(StoreError::Write("insert produced no result".into())),
                 };
                 let _ = done.send(answer);
             }
@@ -178,7 +181,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Inserted>) -> Result<(), StoreError> {
+fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<Inserted>>) -> Result<(), StoreError> {
     let werr = |e: rusqlite::Error| StoreError::Write(e.to_string());
     let tx = conn.transaction().map_err(werr)?;
     {
@@ -217,7 +220,7 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Inserted>) -> R
                             r.received_at_ms,
                         ])
                         .map_err(werr)?;
-                    results.push(if changed == 1 {
+                    results.push(Some(if changed == 1 {
                         Inserted::New
                     } else {
                         let reply = existing
@@ -227,10 +230,11 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Inserted>) -> R
                             .flatten();
                         retry.execute(params![r.account, r.dedup_key]).map_err(werr)?;
                         Inserted::Existing { reply }
-                    });
+                    }));
                 }
                 Op::Retry { account, dedup_key } => {
                     retry.execute(params![account, dedup_key]).map_err(werr)?;
+                    results.push(None);
                 }
             }
         }
@@ -330,6 +334,25 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].deliveries, 3);
         assert_eq!(store.recent_keys(0, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn delivery_counts_in_a_batch_do_not_shift_insert_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert(record("seen", None)).await.unwrap();
+        for round in 0..50 {
+            let waits: Vec<_> = (0..8)
+                .map(|i| {
+                    store.note_retry("a", "seen");
+                    let s = store.clone();
+                    tokio::spawn(async move { s.insert(record(&format!("r{round}-{i}"), None)).await })
+                })
+                .collect();
+            for w in waits {
+                assert_eq!(w.await.unwrap().unwrap(), Inserted::New);
+            }
+        }
     }
 
     #[tokio::test]
