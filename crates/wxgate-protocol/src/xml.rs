@@ -79,8 +79,22 @@ impl Element {
     }
 }
 
-/// Parses a whole document into its root element.
+/// Parses a whole document into its root element, leniently as to characters: WeChat
+/// forwards control characters inside CDATA, and they are kept.
 pub fn parse(doc: &str) -> Result<Element, XmlError> {
+    parse_with(doc, false)
+}
+
+/// Parses a document we expect to be strictly well-formed XML 1.0 (a reply, as WeChat
+/// would judge it): characters XML 1.0 forbids and a bare `]]>` in text are refused too.
+pub fn parse_strict(doc: &str) -> Result<Element, XmlError> {
+    if let Some(c) = doc.chars().find(|&c| !is_xml_char(c)) {
+        return Err(XmlError::Malformed(format!("character U+{:04X} is not allowed in XML 1.0", c as u32)));
+    }
+    parse_with(doc, true)
+}
+
+fn parse_with(doc: &str, strict: bool) -> Result<Element, XmlError> {
     let doc = doc.strip_prefix('\u{feff}').unwrap_or(doc);
     let mut reader = Reader::from_str(doc);
     reader.config_mut().check_end_names = true;
@@ -119,6 +133,9 @@ pub fn parse(doc: &str) -> Result<Element, XmlError> {
             }
             XmlEvent::Text(text) => {
                 let text = text.xml10_content();
+                if strict && text.contains("]]>") {
+                    return Err(XmlError::Malformed("']]>' in text (an unsplit CDATA end?)".into()));
+                }
                 match stack.last_mut() {
                     Some(b) => b.text(&text),
                     None if text.trim().is_empty() => {}
@@ -319,6 +336,14 @@ mod tests {
         for doc in ["", "hello", "<xml><a></xml>", "<xml>", "<xml></xml><xml></xml>", "<xml></xml>tail"] {
             assert!(parse(doc).is_err(), "{doc:?} should be refused");
         }
+    }
+
+    #[test]
+    fn strict_parsing_refuses_what_xml_forbids() {
+        assert!(parse_strict("<x><![CDATA[a\u{1}]]></x>").is_err());
+        assert!(parse_strict("<x><![CDATA[a]]>b]]></x>").is_err());
+        assert!(parse_strict("<x><![CDATA[a]]]]><![CDATA[>b]]></x>").is_ok());
+        assert!(parse("<x><![CDATA[a\u{1}]]></x>").is_ok());
     }
 
     #[test]

@@ -196,9 +196,38 @@ pub async fn receive(State(state): State<Arc<AccountState>>, req: Request) -> Re
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let q = Query::parse(parts.uri.query());
-    match state.receive(&q, &parts.headers, body, started).await {
+
+    // Authenticate the request before reading its body: a stranger's megabytes cost
+    // nothing but the drain.
+    let (token, encrypted) = match state.authenticate(&q) {
+        Ok(c) => c,
+        Err(e) => {
+            drain(body);
+            return refuse(&state.account.name, "POST", e);
+        }
+    };
+    let body = match read_body(body, &parts.headers, state.account.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return refuse(&state.account.name, "POST", e),
+    };
+
+    // Handle the push in a task of its own: if WeChat drops the connection at its
+    // deadline, the push is still recorded and its retry joins this answer.
+    let task = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            match state.process(&q, token, encrypted, &body, started).await {
+                Ok(response) => response,
+                Err(e) => refuse(&state.account.name, "POST", e),
+            }
+        })
+    };
+    match task.await {
         Ok(response) => response,
-        Err(e) => refuse(&state.account.name, "POST", e),
+        Err(e) => {
+            error!(account = %state.account.name, error = %e, "push handler failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 
@@ -255,34 +284,29 @@ impl AccountState {
         Ok(token)
     }
 
-    async fn receive(&self, q: &Query, headers: &HeaderMap, body: Body, started: Instant) -> Result<Response, Rejection> {
-        // Authenticate the request before reading its body: a stranger's megabytes cost
-        // nothing but the drain.
-        let checked = self.check_signature(q).and_then(|token| {
-            let encrypted = match q.encrypt_type.as_deref() {
-                None | Some("") | Some("raw") => false,
-                Some("aes") => true,
-                Some(other) => return Err(Rejection::UnknownEncryptType(other.to_owned())),
-            };
-            if !encrypted && self.account.require_encryption {
-                return Err(Rejection::PlaintextRefused);
-            }
-            if encrypted && self.account.aes_keys.is_empty() {
-                return Err(Rejection::NoAesKey);
-            }
-            if encrypted && q.msg_signature.is_none() {
-                return Err(Rejection::MissingParam("msg_signature"));
-            }
-            Ok((token, encrypted))
-        });
-        let (token, encrypted) = match checked {
-            Ok(c) => c,
-            Err(e) => {
-                drain(body);
-                return Err(e);
-            }
+    /// Checks the query: signature, timestamp window, mode. Returns the token that
+    /// matched and whether the push is encrypted.
+    fn authenticate(&self, q: &Query) -> Result<(usize, bool), Rejection> {
+        let token = self.check_signature(q)?;
+        let encrypted = match q.encrypt_type.as_deref() {
+            None | Some("") | Some("raw") => false,
+            Some("aes") => true,
+            Some(other) => return Err(Rejection::UnknownEncryptType(other.to_owned())),
         };
-        let body = read_body(body, headers, self.account.max_body_bytes).await?;
+        if !encrypted && self.account.require_encryption {
+            return Err(Rejection::PlaintextRefused);
+        }
+        if encrypted && self.account.aes_keys.is_empty() {
+            return Err(Rejection::NoAesKey);
+        }
+        if encrypted && q.msg_signature.is_none() {
+            return Err(Rejection::MissingParam("msg_signature"));
+        }
+        Ok((token, encrypted))
+    }
+
+    /// Everything after the body has arrived.
+    async fn process(&self, q: &Query, token: usize, encrypted: bool, body: &[u8], started: Instant) -> Result<Response, Rejection> {
         let doc = std::str::from_utf8(&body).map_err(|_| Rejection::NotUtf8)?;
 
         let outer = xml::parse(doc)?;

@@ -31,6 +31,12 @@ enum Command {
         #[arg(long, default_value = "wxgate.toml")]
         config: PathBuf,
     },
+    /// Play WeChat's side: pushes, retries, strict reply checks, scenarios, load, and a
+    /// mock of the WeChat HTTP API.
+    Sim {
+        #[command(subcommand)]
+        command: wxgate::sim::cli::SimCommand,
+    },
     /// Print recorded pushes as JSON lines, oldest first.
     Events {
         #[arg(long, default_value = "wxgate.toml")]
@@ -43,6 +49,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Sim { command } => {
+            return wxgate::sim::cli::run(command).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            });
+        }
         Command::Serve { config, listen } => serve(config, listen),
         Command::CheckConfig { config } => Config::load(&config).map(|c| {
             println!("{}: ok ({} account{})", config.display(), c.accounts.len(), if c.accounts.len() == 1 { "" } else { "s" });
@@ -100,4 +112,12 @@ fn events(config: PathBuf, account: Option<String>) -> anyhow::Result<()> {
         writeln!(out, "{}", wxgate::events::to_json(row))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -1,6 +1,14 @@
 //! WeChat's side of the protocol, for tests and for `wxgate sim`: compose pushes, sign
-//! and encrypt them exactly as WeChat does, deliver them over HTTP, and judge the answer
-//! as strictly as WeChat may, ending in what the follower would see.
+//! and encrypt them exactly as WeChat does, deliver them over HTTP with WeChat's deadline
+//! and retries, and judge the answer as strictly as WeChat may, ending in what the
+//! follower would see. Also a mock of the WeChat HTTP API, scenarios, replay and load.
+
+pub mod api;
+pub mod cli;
+pub mod delivery;
+pub mod kinds;
+pub mod load;
+pub mod scenario;
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -127,7 +135,7 @@ impl Account {
         if body.is_empty() || body == "success" {
             return Ok(Seen::Nothing);
         }
-        let doc = xml::parse(body).map_err(|e| format!("reply is not well-formed XML: {e}"))?;
+        let doc = xml::parse_strict(body).map_err(|e| format!("reply is not well-formed XML: {e}"))?;
         if doc.name != "xml" {
             return Err(format!("reply root is <{}>", doc.name));
         }
@@ -136,7 +144,7 @@ impl Account {
                 return Err("encrypted reply to a plaintext push".into());
             }
             let plain = self.open_envelope(&doc)?;
-            let inner_doc = xml::parse(&plain).map_err(|e| format!("decrypted reply is not well-formed XML: {e}"))?;
+            let inner_doc = xml::parse_strict(&plain).map_err(|e| format!("decrypted reply is not well-formed XML: {e}"))?;
             (plain, inner_doc)
         } else {
             if mode == Mode::Safe {
