@@ -129,13 +129,25 @@ impl MockApi {
             .route("/cgi-bin/menu/delete", get(menu_delete))
             .route("/cgi-bin/user/info", get(user_info))
             .route("/sim/calls", get(|State(m): State<MockApi>| async move { Json(m.calls()) }))
-            .route("/sim/faults", post(|State(m): State<MockApi>, Json(f): Json<Fault>| async move {
-                m.inject(f);
-                Json(json!({"ok": true}))
+            // Control bodies are JSON whatever their Content-Type says.
+            .route("/sim/faults", post(|State(m): State<MockApi>, body: Bytes| async move {
+                match serde_json::from_slice::<Fault>(&body) {
+                    Ok(f) => {
+                        m.inject(f);
+                        Json(json!({"ok": true}))
+                    }
+                    Err(e) => Json(json!({"ok": false, "error": e.to_string()})),
+                }
             }))
-            .route("/sim/interactions", post(|State(m): State<MockApi>, Json(v): Json<Value>| async move {
-                m.interaction(v["openid"].as_str().unwrap_or_default());
-                Json(json!({"ok": true}))
+            .route("/sim/interactions", post(|State(m): State<MockApi>, body: Bytes| async move {
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                match v["openid"].as_str() {
+                    Some(openid) => {
+                        m.interaction(openid);
+                        Json(json!({"ok": true}))
+                    }
+                    None => Json(json!({"ok": false, "error": "give {\"openid\": \"...\"}"})),
+                }
             }))
             .route("/sim/reset", post(|State(m): State<MockApi>| async move {
                 *m.world.lock().unwrap_or_else(|p| p.into_inner()) = World::default();

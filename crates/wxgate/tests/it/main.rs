@@ -1,7 +1,9 @@
 //! Integration tests: one binary, a module per area, sharing `helpers`.
 #![allow(unreachable_pub, dead_code)]
 
+mod api;
 mod bad_input;
 mod cases;
 mod demo;
 mod helpers;
+mod sim;
