@@ -113,6 +113,22 @@ impl Account {
         Delivery { query, body }
     }
 
+    /// A safe-mode delivery of an exact `Encrypt` value (a captured or hostile one),
+    /// signed as WeChat signs it.
+    pub fn deliver_encrypt(&self, encrypt: &str, timestamp: &str, nonce: &str) -> Delivery {
+        let sig = signature::url_signature(&self.token, timestamp, nonce);
+        let msg_sig = signature::msg_signature(&self.token, timestamp, nonce, encrypt);
+        let mut body = String::from("<xml>\n");
+        push_cdata_element(&mut body, "ToUserName", &self.original_id);
+        body.push('\n');
+        push_cdata_element(&mut body, "Encrypt", encrypt);
+        body.push_str("\n</xml>");
+        Delivery {
+            query: format!("signature={sig}&timestamp={timestamp}&nonce={nonce}&encrypt_type=aes&msg_signature={msg_sig}"),
+            body,
+        }
+    }
+
     /// The URL-verification query WeChat sends when the server URL is saved.
     pub fn verification(&self, echostr: &str) -> String {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()).to_string();

@@ -7,9 +7,11 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use wxgate::sim::{self, Mode, Seen, compose};
-use wxgate_protocol::{EncodingAesKey, signature};
+use wxgate_protocol::EncodingAesKey;
 
 use crate::helpers::{AES_KEY, APP_ID, Body, GH, Server, TOKEN, account_toml, post, request};
+
+// Every signature below comes from the simulator; tests never sign by hand.
 
 const USER: &str = "oBadInputUser000000000000001";
 const ECHO: &str = "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
@@ -49,8 +51,10 @@ fn still_serves(server: &Server) {
     assert_eq!(wechat().judge(&push, Mode::Safe, resp.status, &resp.body).text(), Some("still here"));
 }
 
+/// A valid plaintext query (signature, timestamp, nonce) from the simulator.
 fn plain_query() -> String {
-    format!("signature={}&timestamp=1733300000&nonce=42", signature::url_signature(TOKEN, "1733300000", "42"))
+    let q = wechat().deliver_at("<xml/>", Mode::Plain, "1733300000", "42").query;
+    q.split("&openid").next().unwrap().to_owned()
 }
 
 #[test]
@@ -82,7 +86,8 @@ fn a_bad_signature_is_refused_before_the_body_is_read() {
 fn missing_or_wrong_parameters_are_refused() {
     let server = echo_server();
     let push = compose::text(GH, USER, 1, "x", 1);
-    let sig = signature::url_signature(TOKEN, "1733300000", "42");
+    let q = plain_query();
+    let sig = q.strip_prefix("signature=").unwrap().split('&').next().unwrap().to_owned();
     for target in [
         "/wx".to_owned(),
         format!("/wx?signature={sig}&timestamp=1733300000"),
@@ -146,11 +151,11 @@ fn broken_envelopes_get_400_or_403() {
     // No Encrypt element; Encrypt that is not base64.
     let r = post(&server.addr(), &format!("/wx?{}", good.query), "<xml><ToUserName>gh</ToUserName></xml>");
     assert_eq!(r.status, 400);
-    let garbage = "not*base64";
-    let sig = signature::msg_signature(TOKEN, "1733300000", "3", garbage);
-    let q = good.query.split("&msg_signature=").next().unwrap().to_owned() + "&msg_signature=" + &sig;
-    let r = post(&server.addr(), &format!("/wx?{q}"), &format!("<xml><Encrypt><![CDATA[{garbage}]]></Encrypt></xml>"));
-    assert_eq!(r.status, 400);
+    for garbage in ["not*base64", "AAAA", "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", &"A".repeat(100_000)] {
+        let d = wechat().deliver_encrypt(garbage, "1733300000", "3");
+        let r = post(&server.addr(), &format!("/wx?{}", d.query), &d.body);
+        assert_eq!(r.status, 400, "{garbage:.20}");
+    }
     assert!(server.records().is_empty());
     still_serves(&server);
 }
