@@ -40,6 +40,8 @@ impl ConfigError {
 pub struct Config {
     /// Address to listen on. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint; off when not set.
+    pub metrics_listen: Option<SocketAddr>,
     /// Folder of the embedded store, relative to the config file. Default `wxgate-data`.
     pub data_dir: PathBuf,
     /// How long a push's key is remembered in memory to recognise WeChat's retries
@@ -87,6 +89,7 @@ pub struct Account {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
     dedup_window_secs: Option<u64>,
     dedup_memory_entries: Option<usize>,
@@ -135,6 +138,10 @@ impl Config {
             Some(l) => l.parse().map_err(|e| ConfigError::new("listen", format!("{e}: {l:?}")))?,
             None => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
+        let metrics_listen = match file.metrics_listen {
+            Some(l) => Some(l.parse().map_err(|e| ConfigError::new("metrics_listen", format!("{e}: {l:?}")))?),
+            None => None,
+        };
         if file.accounts.is_empty() {
             return Err(ConfigError::new("accounts", "at least one [[accounts]] is required"));
         }
@@ -157,6 +164,7 @@ impl Config {
         }
         Ok(Config {
             listen,
+            metrics_listen,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
             dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
             dedup_memory_entries,

@@ -26,6 +26,7 @@ use wxgate_protocol::Push;
 use crate::config::Account;
 use crate::dedup::{Answer, Claim, Dedup};
 use crate::fields;
+use crate::metrics::Metrics;
 use crate::rules;
 use crate::store::{Inserted, NewRecord, Store, StoreError};
 
@@ -41,6 +42,7 @@ pub struct AccountState {
     pub account: Account,
     pub store: Store,
     pub dedup: Arc<Dedup>,
+    pub metrics: Arc<Metrics>,
     /// How long a retry waits for the delivery in flight before it gives up (and is
     /// answered 503, so that WeChat tries once more). Below WeChat's 5 s.
     pub join_wait: Duration,
@@ -84,6 +86,31 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// A short stable name, for metrics.
+    pub fn code(&self) -> &'static str {
+        use Rejection::*;
+        match self {
+            MissingParam(_) => "missing_param",
+            BadSignature => "bad_signature",
+            StaleTimestamp(_) => "stale_timestamp",
+            PlaintextRefused => "plaintext_refused",
+            UnknownEncryptType(_) => "unknown_encrypt_type",
+            NoAesKey => "no_aes_key",
+            BadMsgSignature => "bad_msg_signature",
+            TooLarge(_) => "too_large",
+            SlowBody => "slow_body",
+            BodyRead(_) => "body_read",
+            NotUtf8 => "not_utf8",
+            Xml(XmlError::Doctype | XmlError::UnknownEntity(_)) => "doctype_or_entity",
+            Xml(_) => "not_xml",
+            MissingEncrypt => "missing_encrypt",
+            Crypto(CryptoError::AppIdMismatch) => "app_id_mismatch",
+            Crypto(_) => "decrypt_failed",
+            Store(_) => "store_unavailable",
+            StillInFlight => "still_in_flight",
+        }
+    }
+
     fn status(&self) -> StatusCode {
         use Rejection::*;
         match self {
@@ -109,12 +136,15 @@ impl IntoResponse for Rejection {
     }
 }
 
-/// Logs a refusal once, at the edge, and turns it into the response. Client mistakes go
-/// to the `wxgate::rejected` target at warn, our own failures at error.
-fn refuse(account: &str, method: &str, e: Rejection) -> Response {
+/// Logs and counts a refusal once, at the edge, and turns it into the response. Client
+/// mistakes go to the `wxgate::rejected` target at warn.
+fn refuse(state: &AccountState, method: &str, e: Rejection) -> Response {
+    let account = state.account.name.as_str();
+    state.metrics.rejected(account, e.code());
     let status = e.status().as_u16();
     if status >= 500 {
-        error!(target: "wxgate::store", account, method, status, reason = %e, "push not acknowledged");
+        // The outage itself is logged once by the store; each refused push quietly.
+        debug!(target: "wxgate::store", account, method, status, reason = %e, "push not acknowledged");
     } else {
         warn!(target: "wxgate::rejected", account, method, status, reason = %e, "request refused");
     }
@@ -187,7 +217,7 @@ pub async fn verify_url(State(state): State<Arc<AccountState>>, req: Request) ->
             info!(account = %state.account.name, "url verified");
             ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], echo).into_response()
         }
-        Err(e) => refuse(&state.account.name, "GET", e),
+        Err(e) => refuse(&state, "GET", e),
     }
 }
 
@@ -203,12 +233,12 @@ pub async fn receive(State(state): State<Arc<AccountState>>, req: Request) -> Re
         Ok(c) => c,
         Err(e) => {
             drain(body);
-            return refuse(&state.account.name, "POST", e);
+            return refuse(&state, "POST", e);
         }
     };
     let body = match read_body(body, &parts.headers, state.account.max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => return refuse(&state.account.name, "POST", e),
+        Err(e) => return refuse(&state, "POST", e),
     };
 
     // Handle the push in a task of its own: if WeChat drops the connection at its
@@ -218,7 +248,7 @@ pub async fn receive(State(state): State<Arc<AccountState>>, req: Request) -> Re
         tokio::spawn(async move {
             match state.process(&q, token, encrypted, &body, started).await {
                 Ok(response) => response,
-                Err(e) => refuse(&state.account.name, "POST", e),
+                Err(e) => refuse(&state, "POST", e),
             }
         })
     };
@@ -343,6 +373,7 @@ impl AccountState {
         };
 
         let reply_kind = answer.reply.as_deref().and_then(reply_msg_type).unwrap_or("none");
+        self.metrics.push(&self.account.name, kind, outcome.as_str(), started.elapsed());
         info!(
             account = %self.account.name,
             kind,

@@ -11,8 +11,10 @@ pub mod dedup;
 pub mod events;
 pub mod fields;
 pub mod http;
+pub mod metrics;
 pub mod rules;
 pub mod sim;
+pub mod status;
 pub mod store;
 
 use std::future::Future;
@@ -28,12 +30,29 @@ pub use config::{Config, ConfigError};
 
 use crate::dedup::{Answer, Dedup};
 use crate::http::AccountState;
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
-/// A running server's parts: its routes and its store.
+/// A running server's parts: its routes, its store and its metrics.
 pub struct App {
     pub router: Router,
     pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub dedup: Arc<Dedup>,
+}
+
+impl App {
+    /// The routes of the metrics listener: `GET /metrics`.
+    pub fn metrics_router(&self) -> Router {
+        let (metrics, store, dedup) = (self.metrics.clone(), self.store.clone(), self.dedup.clone());
+        Router::new().route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render(&store, dedup.len());
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }),
+        )
+    }
 }
 
 /// Opens the store, warms the retry window from it and builds the routes: one path per
@@ -42,6 +61,7 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
     let store = Store::open(&config.data_dir)?;
     let window = Duration::from_secs(config.dedup_window_secs);
     let dedup = Dedup::new(window, config.dedup_memory_entries);
+    let metrics = Arc::new(Metrics::default());
 
     // Retries that arrive just after a restart are recognised from memory.
     let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().saturating_sub(window);
@@ -51,12 +71,26 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
         dedup.remember(&key, Answer { reply: k.reply.as_deref().map(Arc::from) });
     }
 
-    let mut router = Router::new().route("/healthz", get(|| async { "ok\n" }));
+    // /healthz: the process serves. /readyz: the store commits, so pushes can be taken.
+    let probe = store.clone();
+    let mut router = Router::new().route("/healthz", get(|| async { "ok\n" })).route(
+        "/readyz",
+        get(move || {
+            let store = probe.clone();
+            async move {
+                match store.probe(Duration::from_secs(2)).await {
+                    Ok(()) => (axum::http::StatusCode::OK, "ready\n".to_owned()),
+                    Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+                }
+            }
+        }),
+    );
     for account in &config.accounts {
         let state = Arc::new(AccountState {
             account: account.clone(),
             store: store.clone(),
             dedup: dedup.clone(),
+            metrics: metrics.clone(),
             join_wait: Duration::from_millis(4500),
         });
         let routes = Router::new()
@@ -64,7 +98,7 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             .with_state(state);
         router = router.merge(routes);
     }
-    Ok(App { router, store })
+    Ok(App { router, store, metrics, dedup })
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then finishes the requests

@@ -37,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: wxgate::sim::cli::SimCommand,
     },
+    /// Show what the store holds and, with metrics_listen set, the running server's counters.
+    Status {
+        #[arg(long, default_value = "wxgate.toml")]
+        config: PathBuf,
+    },
     /// Print recorded pushes as JSON lines, oldest first.
     Events {
         #[arg(long, default_value = "wxgate.toml")]
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
             println!("{}: ok ({} account{})", config.display(), c.accounts.len(), if c.accounts.len() == 1 { "" } else { "s" });
         }).map_err(anyhow::Error::from),
         Command::Events { config, account } => events(config, account),
+        Command::Status { config } => status(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,9 +86,17 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let app = wxgate::build(&config)?;
+        if let Some(addr) = config.metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!("metrics on http://{}/metrics", metrics.local_addr()?);
+            let router = app.metrics_router();
+            tokio::spawn(async move { axum::serve(metrics, router).await });
+        }
         let listener = tokio::net::TcpListener::bind(listen.unwrap_or(config.listen)).await?;
         wxgate::serve(listener, app.router, shutdown_signal()).await?;
-        tracing::info!("stopped");
+        // Requests in flight have been answered; let the store commit what is queued.
+        let flushed = tokio::task::spawn_blocking(move || app.store.close(std::time::Duration::from_secs(10))).await?;
+        tracing::info!(flushed, "stopped");
         Ok(())
     })
 }
@@ -99,6 +113,13 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn status(config: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config)?;
+    let text = tokio::runtime::Runtime::new()?.block_on(wxgate::status::report(&config))?;
+    print!("{text}");
+    Ok(())
 }
 
 fn events(config: PathBuf, account: Option<String>) -> anyhow::Result<()> {

@@ -8,10 +8,14 @@
 //! recognised after a restart or after it left the in-memory window.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info};
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -69,6 +73,10 @@ pub enum Inserted {
 enum Op {
     Insert(Box<NewRecord>, oneshot::Sender<Result<Inserted, StoreError>>),
     Retry { account: String, dedup_key: String },
+    /// Answers once a transaction has committed: the store is writable.
+    Probe(oneshot::Sender<Result<(), StoreError>>),
+    /// Commit what is queued, then stop.
+    Close,
 }
 
 /// Handle to the store; cheap to clone.
@@ -76,6 +84,25 @@ enum Op {
 pub struct Store {
     tx: mpsc::Sender<Op>,
     path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+/// What the writer reports back to every handle.
+struct Shared {
+    /// False from a failed commit until the next successful one.
+    healthy: AtomicBool,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    stats: Mutex<CommitStats>,
+}
+
+/// Commit figures since start-up, for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitStats {
+    pub commits: u64,
+    pub failures: u64,
+    pub records: u64,
+    pub largest_batch: u64,
+    pub total_commit_micros: u64,
 }
 
 /// A key recorded recently, for warming the in-memory dedup window at start-up.
@@ -98,11 +125,57 @@ impl Store {
         migrate(&mut conn).map_err(|e| fail(&e))?;
 
         let (tx, rx) = mpsc::channel(QUEUE);
-        std::thread::Builder::new()
+        let shared = Arc::new(Shared { healthy: AtomicBool::new(true), writer: Mutex::new(None), stats: Mutex::default() });
+        let for_writer = shared.clone();
+        let handle = std::thread::Builder::new()
             .name("wxgate-store".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, rx, &for_writer))
             .map_err(|e| fail(&e))?;
-        Ok(Store { tx, path })
+        *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(Store { tx, path, shared })
+    }
+
+    /// Whether the last commit succeeded.
+    pub fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Commit figures since start-up.
+    pub fn stats(&self) -> CommitStats {
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Requests waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Proves the store writable by committing a transaction, within `timeout`.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Op::Probe(done)).await.map_err(|_| StoreError::Closed)?;
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(answer) => answer.map_err(|_| StoreError::Closed)?,
+            Err(_) => Err(StoreError::Write(format!("no commit within {timeout:?}"))),
+        }
+    }
+
+    /// Lets the writer commit what is queued, then waits (at most `timeout`) for it to
+    /// stop. Later requests fail with [`StoreError::Closed`]. Blocks: call it from a
+    /// blocking context.
+    pub fn close(self, timeout: Duration) -> bool {
+        let shared = self.shared.clone();
+        let _ = self.tx.try_send(Op::Close).or_else(|_| self.tx.blocking_send(Op::Close));
+        drop(self);
+        let Some(handle) = shared.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else { return true };
+        let deadline = Instant::now() + timeout;
+        while !handle.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        handle.join().is_ok()
     }
 
     /// The database file.
@@ -153,9 +226,12 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 /// The writer thread: take what is waiting, commit it as one transaction, answer each.
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+/// It stops when every handle is gone, after committing what was queued.
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    let mut closing = false;
+    while !closing {
+        let Some(first) = rx.blocking_recv() else { break };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -163,21 +239,65 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        if batch.iter().any(|op| matches!(op, Op::Close)) {
+            // Commit everything already queued, refuse anything later, then stop.
+            closing = true;
+            batch.retain(|op| !matches!(op, Op::Close));
+            rx.close();
+            while let Ok(op) = rx.try_recv() {
+                if !matches!(op, Op::Close) {
+                    batch.push(op);
+                }
+            }
+        }
         // One result per op, in order (None for delivery counts, which nobody awaits).
         let mut results = Vec::with_capacity(batch.len());
+        let started = Instant::now();
         let outcome = commit(&mut conn, &batch, &mut results);
+        note_outcome(shared, &outcome, batch.len(), started.elapsed());
         let mut results = results.into_iter();
         for op in batch.drain(..) {
             let result = results.next().flatten();
-            if let Op::Insert(_, done) = op {
-                let answer = match (&outcome, result) {
-                    (Ok(()), Some(r)) => Ok(r),
-                    (Err(e), _) => Err(e.clone()),
-                    (Ok(()), None) => Err(StoreError::Write("insert produced no result".into())),
-                };
-                let _ = done.send(answer);
+            match op {
+                Op::Insert(_, done) => {
+                    let answer = match (&outcome, result) {
+                        (Ok(()), Some(r)) => Ok(r),
+                        (Err(e), _) => Err(e.clone()),
+                        (Ok(()), None) => Err(StoreError::Write("insert produced no result".into())),
+                    };
+                    let _ = done.send(answer);
+                }
+                Op::Probe(done) => {
+                    let _ = done.send(outcome.clone());
+                }
+                Op::Retry { .. } | Op::Close => {}
             }
         }
+    }
+}
+
+/// Keeps the figures and logs an outage once: at its first failure and at recovery.
+fn note_outcome(shared: &Shared, outcome: &Result<(), StoreError>, batch: usize, took: Duration) {
+    {
+        let mut s = shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(()) => {
+                s.commits += 1;
+                s.records += batch as u64;
+                s.largest_batch = s.largest_batch.max(batch as u64);
+                s.total_commit_micros += took.as_micros() as u64;
+            }
+            Err(_) => s.failures += 1,
+        }
+    }
+    match outcome {
+        Ok(()) if !shared.healthy.swap(true, Ordering::Relaxed) => {
+            info!(target: "wxgate::store", "store recovered; pushes are acknowledged again");
+        }
+        Err(e) if shared.healthy.swap(false, Ordering::Relaxed) => {
+            error!(target: "wxgate::store", error = %e, "store cannot write; pushes are refused (503) so that WeChat delivers them again");
+        }
+        _ => {}
     }
 }
 
@@ -236,6 +356,7 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<Inserted
                     retry.execute(params![account, dedup_key]).map_err(werr)?;
                     results.push(None);
                 }
+                Op::Probe(_) | Op::Close => results.push(None),
             }
         }
     }
@@ -264,6 +385,26 @@ pub struct Row {
     pub error: Option<String>,
     pub received_at_ms: i64,
     pub deliveries: i64,
+}
+
+/// Recorded pushes per account and kind: (account, kind, records, dead letters,
+/// deliveries, newest arrival in Unix ms).
+pub fn summary(dir: &Path) -> Result<Vec<(String, String, i64, i64, i64, i64)>, StoreError> {
+    let path = dir.join("wxgate.db");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = open_read(&path)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT account, kind, COUNT(*), SUM(dead_letter), SUM(deliveries), MAX(received_at)
+             FROM pushes GROUP BY account, kind ORDER BY account, kind",
+        )
+        .map_err(read_err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        .map_err(read_err)?;
+    rows.collect::<Result<_, _>>().map_err(read_err)
 }
 
 /// Every recorded push of the store in `dir`, oldest first, optionally of one account.

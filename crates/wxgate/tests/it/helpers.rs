@@ -23,6 +23,8 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub log: mpsc::Receiver<String>,
+    /// Lines logged up to "listening on".
+    pub startup: Vec<String>,
 }
 
 /// An account block with the shared test identity and the given extra lines.
@@ -61,13 +63,15 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut startup = Vec::new();
         let port = loop {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server did not start");
+            startup.push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 break rest.trim().rsplit(':').next().unwrap().parse().unwrap();
             }
         };
-        Server { child, port, dir, config, log: rx }
+        Server { child, port, dir, config, log: rx, startup }
     }
 
     pub fn addr(&self) -> String {
@@ -99,6 +103,11 @@ impl Server {
         let _ = self.child.wait();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         (dir, self.config.clone())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.

@@ -6,4 +6,5 @@ mod bad_input;
 mod cases;
 mod demo;
 mod helpers;
+mod ops;
 mod sim;
