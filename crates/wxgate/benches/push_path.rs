@@ -31,7 +31,7 @@ fn per_push(c: &mut Criterion) {
             assert!(signature::verify("0", &[&token, "1733300000", "1134486126"]) == false);
             let push = Push::parse(black_box(&plain.body)).unwrap();
             let _key = push.dedup_key();
-            let reply = wxgate::rules::answer(&account.rules, &push);
+            let wxgate::rules::Action::Reply(reply) = wxgate::rules::answer(&account.rules, &push) else { unreachable!() };
             let out = reply.to_xml(&push.from, &push.to, 1733300001, max_articles(&push)).unwrap();
             let fields = serde_json::Value::Object(wxgate::fields::of_push(&push)).to_string();
             black_box((out, fields))
@@ -45,7 +45,7 @@ fn per_push(c: &mut Criterion) {
             let inner = key.open(encrypt, &account.app_id).unwrap();
             let push = Push::parse(&inner).unwrap();
             let _key = push.dedup_key();
-            let reply = wxgate::rules::answer(&account.rules, &push);
+            let wxgate::rules::Action::Reply(reply) = wxgate::rules::answer(&account.rules, &push) else { unreachable!() };
             let out = reply.to_xml(&push.from, &push.to, 1733300001, max_articles(&push)).unwrap();
             let sealed = key.seal(&out, &account.app_id);
             let sig = signature::msg_signature(&token, "1733300001", "42", &sealed);

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use wxgate_protocol::EncodingAesKey;
@@ -49,6 +50,7 @@ pub struct Config {
     pub dedup_window_secs: u64,
     /// Most recently answered pushes kept in memory. Default 200,000.
     pub dedup_memory_entries: usize,
+    pub outbox: OutboxConfig,
     pub accounts: Vec<Account>,
 }
 
@@ -83,6 +85,43 @@ pub struct Account {
     pub require_encryption: bool,
     pub max_body_bytes: usize,
     pub rules: Vec<Rule>,
+    /// Time from a push's arrival within which its answer must be ready; WeChat's 5 s
+    /// also cover its connect and send. Default 4000 ms.
+    pub reply_budget: Duration,
+    /// What happens to a forward's reply that misses the budget.
+    pub late_reply: LateReply,
+    /// AppSecret, for the WeChat API (customer-service messages).
+    pub app_secret: Option<Secret>,
+    /// Base URL of the WeChat API. Default `https://api.weixin.qq.com`.
+    pub api_base: String,
+    /// Key of the HMAC-SHA256 signature on forwards to the owner's service.
+    pub forward_secret: Option<Secret>,
+    /// Deliveries WeChat makes of one push (3); the last held one is answered `success`.
+    pub wechat_attempts: u32,
+}
+
+/// The fate of a forward's reply that is not ready within the reply budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateReply {
+    /// Answer WeChat `success` at once and send the reply, when it comes, as a
+    /// customer-service message (needs `app_secret`; verified service accounts).
+    CustomerService,
+    /// Leave the delivery unanswered so that WeChat delivers again, and answer a retry
+    /// as soon as the reply is ready; the last delivery gets `success`.
+    HoldForRetry,
+    /// Answer `success` and drop the reply.
+    Drop,
+}
+
+/// The background outbox: retries with exponential backoff, parked as dead after
+/// `max_attempts`.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxConfig {
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    /// How often the outbox looks for due entries.
+    pub poll: Duration,
 }
 
 #[derive(Deserialize)]
@@ -94,7 +133,18 @@ struct FileConfig {
     dedup_window_secs: Option<u64>,
     dedup_memory_entries: Option<usize>,
     #[serde(default)]
+    outbox: FileOutbox,
+    #[serde(default)]
     accounts: Vec<FileAccount>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileOutbox {
+    max_attempts: Option<u32>,
+    backoff_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    poll_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +160,12 @@ struct FileAccount {
     max_timestamp_skew_secs: Option<u64>,
     require_encryption: Option<bool>,
     max_body_bytes: Option<usize>,
+    reply_budget_ms: Option<u64>,
+    late_reply: Option<String>,
+    app_secret: Option<String>,
+    api_base: Option<String>,
+    forward_secret: Option<String>,
+    wechat_attempts: Option<u32>,
     #[serde(default)]
     rules: Vec<RuleFile>,
 }
@@ -162,9 +218,17 @@ impl Config {
         if dedup_memory_entries == 0 {
             return Err(ConfigError::new("dedup_memory_entries", "must be at least 1"));
         }
+        let o = file.outbox;
+        let outbox = OutboxConfig {
+            max_attempts: o.max_attempts.unwrap_or(10).max(1),
+            backoff: Duration::from_millis(o.backoff_ms.unwrap_or(1000)),
+            backoff_max: Duration::from_millis(o.backoff_max_ms.unwrap_or(300_000)),
+            poll: Duration::from_millis(o.poll_ms.unwrap_or(200).max(1)),
+        };
         Ok(Config {
             listen,
             metrics_listen,
+            outbox,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
             dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
             dedup_memory_entries,
@@ -214,12 +278,43 @@ impl Account {
         if !(1024..=16 << 20).contains(&max_body_bytes) {
             return Err(ConfigError::new(field("max_body_bytes"), "must be between 1024 and 16777216"));
         }
-        let rules = a
+        let rules: Vec<Rule> = a
             .rules
             .into_iter()
             .enumerate()
             .map(|(i, r)| Rule::check(r, &format!("{at}.rules[{i}]")))
             .collect::<Result<_, _>>()?;
+
+        let reply_budget = Duration::from_millis(a.reply_budget_ms.unwrap_or(4000));
+        if !(Duration::from_millis(50)..=Duration::from_millis(4900)).contains(&reply_budget) {
+            return Err(ConfigError::new(field("reply_budget_ms"), "must be between 50 and 4900 (WeChat waits 5 s)"));
+        }
+        let app_secret = a.app_secret.as_deref().map(|s| token(s, &field("app_secret"))).transpose()?;
+        let forward_secret = a.forward_secret.as_deref().map(|s| token(s, &field("forward_secret"))).transpose()?;
+        if forward_secret.is_none() && rules.iter().any(Rule::forwards) {
+            return Err(ConfigError::new(field("forward_secret"), "needed to sign forwards: a rule forwards to the owner's service"));
+        }
+        let late_reply = match a.late_reply.as_deref() {
+            None if app_secret.is_some() => LateReply::CustomerService,
+            None => LateReply::HoldForRetry,
+            Some("customer_service") if app_secret.is_none() => {
+                return Err(ConfigError::new(field("late_reply"), "customer_service needs app_secret"));
+            }
+            Some("customer_service") => LateReply::CustomerService,
+            Some("hold_for_retry") => LateReply::HoldForRetry,
+            Some("drop") => LateReply::Drop,
+            Some(other) => {
+                return Err(ConfigError::new(field("late_reply"), format!("use customer_service, hold_for_retry or drop, not {other:?}")));
+            }
+        };
+        let api_base = a.api_base.unwrap_or_else(|| "https://api.weixin.qq.com".into()).trim_end_matches('/').to_owned();
+        if !api_base.starts_with("http://") && !api_base.starts_with("https://") {
+            return Err(ConfigError::new(field("api_base"), "must start with http:// or https://"));
+        }
+        let wechat_attempts = a.wechat_attempts.unwrap_or(3);
+        if !(1..=10).contains(&wechat_attempts) {
+            return Err(ConfigError::new(field("wechat_attempts"), "must be between 1 and 10"));
+        }
 
         Ok(Account {
             name: a.name,
@@ -231,6 +326,12 @@ impl Account {
             require_encryption,
             max_body_bytes,
             rules,
+            reply_budget,
+            late_reply,
+            app_secret,
+            api_base,
+            forward_secret,
+            wechat_attempts,
         })
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,14 +29,15 @@ pub enum Claim {
     /// Nobody handles this push: the caller must, then call [`Guard::finish`].
     New(Guard),
     /// Another delivery is handling it; wait on the receiver. It turns `Some` when
-    /// answered and is closed if that delivery failed (then claim again).
-    InFlight(watch::Receiver<Option<Answer>>),
+    /// answered and is closed if that delivery failed (then claim again). The number
+    /// counts the deliveries that joined, this one included (1 for the first retry).
+    InFlight(watch::Receiver<Option<Answer>>, u32),
     /// Answered recently.
     Done(Answer),
 }
 
 enum Entry {
-    InFlight(watch::Receiver<Option<Answer>>),
+    InFlight(watch::Receiver<Option<Answer>>, Arc<AtomicU32>),
     Done(Answer, Instant),
 }
 
@@ -80,7 +82,7 @@ impl Dedup {
         let now = Instant::now();
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         match shard.map.get(key) {
-            Some(Entry::InFlight(rx)) => return Claim::InFlight(rx.clone()),
+            Some(Entry::InFlight(rx, joins)) => return Claim::InFlight(rx.clone(), joins.fetch_add(1, Ordering::Relaxed) + 1),
             Some(Entry::Done(answer, at)) if now.duration_since(*at) < self.window => {
                 return Claim::Done(answer.clone());
             }
@@ -88,7 +90,7 @@ impl Dedup {
         }
         let key: Arc<str> = Arc::from(key);
         let (tx, rx) = watch::channel(None);
-        shard.map.insert(key.clone(), Entry::InFlight(rx));
+        shard.map.insert(key.clone(), Entry::InFlight(rx, Arc::default()));
         Claim::New(Guard { dedup: self.clone(), key, tx: Some(tx) })
     }
 
@@ -129,6 +131,11 @@ impl Dedup {
 }
 
 impl Guard {
+    /// A receiver that turns `Some` when this guard is finished.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Answer>> {
+        self.tx.as_ref().map_or_else(|| watch::channel(None).1, |tx| tx.subscribe())
+    }
+
     /// Publishes the answer to waiting retries and remembers it.
     pub fn finish(mut self, answer: Answer) {
         let now = Instant::now();
@@ -147,7 +154,7 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if self.tx.is_some() {
             let mut shard = self.dedup.shard(&self.key).lock().unwrap_or_else(|p| p.into_inner());
-            if matches!(shard.map.get(&self.key), Some(Entry::InFlight(_))) {
+            if matches!(shard.map.get(&self.key), Some(Entry::InFlight(..))) {
                 shard.map.remove(&self.key);
             }
         }
@@ -166,7 +173,8 @@ mod tests {
     async fn retry_during_flight_waits_then_later_ones_hit_the_cache() {
         let d = Dedup::new(Duration::from_secs(60), 100);
         let Claim::New(guard) = d.claim("k") else { panic!("first claim must be new") };
-        let Claim::InFlight(mut rx) = d.claim("k") else { panic!("second claim must wait") };
+        let Claim::InFlight(mut rx, 1) = d.claim("k") else { panic!("second claim must wait") };
+        assert!(matches!(d.claim("k"), Claim::InFlight(_, 2)), "joins are counted");
         guard.finish(answer("r"));
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow(), Some(answer("r")));
@@ -177,7 +185,7 @@ mod tests {
     async fn a_failed_delivery_releases_the_key() {
         let d = Dedup::new(Duration::from_secs(60), 100);
         let Claim::New(guard) = d.claim("k") else { panic!() };
-        let Claim::InFlight(mut rx) = d.claim("k") else { panic!() };
+        let Claim::InFlight(mut rx, _) = d.claim("k") else { panic!() };
         drop(guard);
         assert!(rx.changed().await.is_err());
         assert!(matches!(d.claim("k"), Claim::New(_)));

@@ -6,7 +6,8 @@
 //! de-duplication, the account's rules, the store, and the reply in the request's mode.
 //! Every refusal is a [`Rejection`], mapped to its HTTP status in one place.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -23,12 +24,12 @@ use wxgate_protocol::signature;
 use wxgate_protocol::xml::{self, XmlError};
 use wxgate_protocol::Push;
 
+use crate::client::Client;
 use crate::config::Account;
-use crate::dedup::{Answer, Claim, Dedup};
-use crate::fields;
+use crate::dedup::{Answer, Dedup};
 use crate::metrics::Metrics;
-use crate::rules;
-use crate::store::{Inserted, NewRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
+use crate::wechat_api::WechatApi;
 
 /// How much of an oversized or refused body is read and thrown away, so that the client
 /// can finish sending and read our answer instead of seeing its connection reset.
@@ -43,9 +44,12 @@ pub struct AccountState {
     pub store: Store,
     pub dedup: Arc<Dedup>,
     pub metrics: Arc<Metrics>,
-    /// How long a retry waits for the delivery in flight before it gives up (and is
-    /// answered 503, so that WeChat tries once more). Below WeChat's 5 s.
-    pub join_wait: Duration,
+    /// Calls to the owner's service.
+    pub client: Client,
+    /// The WeChat API, when the account has an `app_secret`.
+    pub api: Option<Arc<WechatApi>>,
+    /// Held pushes whose last delivery was answered `success` before the reply came.
+    pub gave_up: Mutex<HashSet<String>>,
 }
 
 /// Why a request was refused.
@@ -83,6 +87,8 @@ pub enum Rejection {
     Store(#[from] StoreError),
     #[error("the first delivery of this push is still being answered")]
     StillInFlight,
+    #[error("the owner's service did not answer; WeChat may deliver again")]
+    ForwardFailed,
 }
 
 impl Rejection {
@@ -108,6 +114,7 @@ impl Rejection {
             Crypto(_) => "decrypt_failed",
             Store(_) => "store_unavailable",
             StillInFlight => "still_in_flight",
+            ForwardFailed => "forward_failed",
         }
     }
 
@@ -122,7 +129,7 @@ impl Rejection {
             UnknownEncryptType(_) | NoAesKey | BodyRead(_) | NotUtf8 | Xml(_) | MissingEncrypt | Crypto(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Store(_) | StillInFlight => StatusCode::SERVICE_UNAVAILABLE,
+            Store(_) | StillInFlight | ForwardFailed => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -204,7 +211,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -267,13 +274,15 @@ struct Credentials {
     key: Option<usize>,
 }
 
-/// How a push was handled, for the log line.
+/// How a push was handled, for the log line and metrics.
 #[derive(Debug, Clone, Copy)]
-enum Outcome {
+pub(crate) enum Outcome {
     Handled,
     RetryJoined,
     Duplicate,
     DeadLetter,
+    /// Answered `success` because the reply was not ready in time.
+    Late,
 }
 
 impl Outcome {
@@ -283,6 +292,7 @@ impl Outcome {
             Outcome::RetryJoined => "retry_joined",
             Outcome::Duplicate => "duplicate",
             Outcome::DeadLetter => "dead_letter",
+            Outcome::Late => "late",
         }
     }
 }
@@ -336,7 +346,7 @@ impl AccountState {
     }
 
     /// Everything after the body has arrived.
-    async fn process(&self, q: &Query, token: usize, encrypted: bool, body: &[u8], started: Instant) -> Result<Response, Rejection> {
+    async fn process(self: &Arc<Self>, q: &Query, token: usize, encrypted: bool, body: &[u8], started: Instant) -> Result<Response, Rejection> {
         let doc = std::str::from_utf8(&body).map_err(|_| Rejection::NotUtf8)?;
 
         let outer = xml::parse(doc)?;
@@ -368,8 +378,8 @@ impl AccountState {
             Ok(root) => Push::from_element(root),
         };
         let (outcome, answer, kind) = match parsed {
-            Ok(push) => self.handle(&push, doc, encrypted).await?,
-            Err(e) => self.dead_letter(doc, encrypted, &e).await?,
+            Ok(push) => self.handle(&push, doc, encrypted, started).await?,
+            Err(e) => self.dead_letter(doc, encrypted, &e, started).await?,
         };
 
         let reply_kind = answer.reply.as_deref().and_then(reply_msg_type).unwrap_or("none");
@@ -400,108 +410,6 @@ impl AccountState {
         Err(Rejection::Crypto(first_err.unwrap_or(CryptoError::Padding)))
     }
 
-    /// De-duplicates, answers by the rules and records a typed push.
-    async fn handle(&self, push: &Push, doc: &str, encrypted: bool) -> Result<(Outcome, Answer, &'static str), Rejection> {
-        let kind = push.kind_name();
-        let key = push.dedup_key();
-        let make = || {
-            let reply = rules::answer(&self.account.rules, push);
-            let max = reply::max_articles(push);
-            let dropped = reply.dropped_articles(max);
-            if dropped > 0 {
-                warn!(account = %self.account.name, dropped, max, "news reply cut to WeChat's article limit");
-            }
-            let xml = reply.to_xml(&push.from, &push.to, unix_now(), max);
-            NewRecord {
-                account: self.account.name.clone(),
-                dedup_key: key.clone(),
-                kind: kind.to_owned(),
-                msg_type: Some(push.msg_type.clone()),
-                event: push.event_name().map(str::to_owned),
-                from_user: Some(push.from.clone()),
-                to_user: Some(push.to.clone()),
-                create_time: Some(push.create_time.raw().to_owned()).filter(|c| !c.is_empty()),
-                encrypted,
-                xml: doc.to_owned(),
-                fields: serde_json::Value::Object(fields::of_push(push)).to_string(),
-                reply: xml,
-                dead_letter: false,
-                error: None,
-                received_at_ms: unix_ms(),
-            }
-        };
-        let (outcome, answer) = self.once(&key, make).await?;
-        Ok((outcome, answer, kind))
-    }
-
-    /// Records an authentic push that could not be understood; it is answered `success`.
-    async fn dead_letter(&self, doc: &str, encrypted: bool, e: &PushError) -> Result<(Outcome, Answer, &'static str), Rejection> {
-        debug!(account = %self.account.name, error = %e, "push kept as dead letter");
-        let key = format!("dead:{}", hex::encode(sha1_digest(doc.as_bytes())));
-        let fields = xml::parse(doc).map(|root| fields::object(&root)).unwrap_or_default();
-        let make = || NewRecord {
-            account: self.account.name.clone(),
-            dedup_key: key.clone(),
-            kind: "dead_letter".into(),
-            encrypted,
-            xml: doc.to_owned(),
-            fields: serde_json::Value::Object(fields).to_string(),
-            dead_letter: true,
-            error: Some(e.to_string()),
-            received_at_ms: unix_ms(),
-            ..NewRecord::default()
-        };
-        let (outcome, answer) = self.once(&key, make).await?;
-        let outcome = if matches!(outcome, Outcome::Handled) { Outcome::DeadLetter } else { outcome };
-        Ok((outcome, answer, "dead_letter"))
-    }
-
-    /// Runs `make` and stores its record at most once per key, joining a delivery in
-    /// flight or reusing a recorded answer.
-    async fn once(&self, key: &str, make: impl FnOnce() -> NewRecord) -> Result<(Outcome, Answer), Rejection> {
-        let key = format!("{}\u{0}{key}", self.account.name);
-        let mut make = Some(make);
-        let deadline = Instant::now() + self.join_wait;
-        loop {
-            match self.dedup.claim(&key) {
-                Claim::Done(answer) => {
-                    self.store.note_retry(&self.account.name, key_part(&key));
-                    return Ok((Outcome::Duplicate, answer));
-                }
-                Claim::InFlight(mut rx) => {
-                    let wait = tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await;
-                    match wait {
-                        Ok(Ok(answer)) => {
-                            let answer = answer.clone().unwrap_or(Answer { reply: None });
-                            self.store.note_retry(&self.account.name, key_part(&key));
-                            return Ok((Outcome::RetryJoined, answer));
-                        }
-                        // The first delivery failed and released the key: try ourselves.
-                        Ok(Err(_)) => continue,
-                        Err(_) => return Err(Rejection::StillInFlight),
-                    }
-                }
-                Claim::New(guard) => {
-                    let Some(make) = make.take() else { return Err(Rejection::StillInFlight) };
-                    let record = make();
-                    let reply = record.reply.clone();
-                    return match self.store.insert(record).await? {
-                        Inserted::New => {
-                            let answer = Answer { reply: reply.map(Arc::from) };
-                            guard.finish(answer.clone());
-                            Ok((Outcome::Handled, answer))
-                        }
-                        Inserted::Existing { reply } => {
-                            let answer = Answer { reply: reply.map(Arc::from) };
-                            guard.finish(answer.clone());
-                            Ok((Outcome::Duplicate, answer))
-                        }
-                    };
-                }
-            }
-        }
-    }
-
     /// The HTTP answer: `success` for no reply, else the reply XML, sealed when the push
     /// came encrypted (with a fresh TimeStamp, Nonce and MsgSignature).
     fn respond(&self, answer: &Answer, encrypted: Option<&Credentials>) -> Response {
@@ -524,9 +432,6 @@ impl AccountState {
     }
 }
 
-fn key_part(full: &str) -> &str {
-    full.split_once('\u{0}').map_or(full, |(_, k)| k)
-}
 
 /// The MsgType of a rendered reply, for the log line.
 fn reply_msg_type(xml: &str) -> Option<&'static str> {
@@ -537,7 +442,7 @@ fn reply_msg_type(xml: &str) -> Option<&'static str> {
     KNOWN.iter().copied().find(|known| *known == t)
 }
 
-fn unix_ms() -> i64 {
+pub(crate) fn unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -547,10 +452,6 @@ fn fresh_nonce() -> String {
     u32::from_le_bytes(b).to_string()
 }
 
-fn sha1_digest(data: &[u8]) -> [u8; 20] {
-    use sha1::Digest;
-    sha1::Sha1::digest(data).into()
-}
 
 /// Reads at most `max` bytes of body. A declared or actual excess is refused with 413
 /// at once; the rest is drained in the background, never buffered.

@@ -6,15 +6,19 @@
 //! runs a router on an already bound listener until a shutdown future resolves, so that
 //! tests can bind `127.0.0.1:0` and drive the real thing.
 
+pub mod client;
 pub mod config;
 pub mod dedup;
 pub mod events;
 pub mod fields;
+pub mod forward;
+mod handle;
 pub mod http;
 pub mod metrics;
 pub mod rules;
 pub mod sim;
 pub mod status;
+pub mod wechat_api;
 pub mod store;
 
 use std::future::Future;
@@ -73,6 +77,7 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
 
     // /healthz: the process serves. /readyz: the store commits, so pushes can be taken.
     let probe = store.clone();
+    let client = client::Client::new();
     let mut router = Router::new().route("/healthz", get(|| async { "ok\n" })).route(
         "/readyz",
         get(move || {
@@ -91,7 +96,11 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             store: store.clone(),
             dedup: dedup.clone(),
             metrics: metrics.clone(),
-            join_wait: Duration::from_millis(4500),
+            client: client.clone(),
+            api: account.app_secret.clone().map(|secret| {
+                Arc::new(wechat_api::WechatApi::new(client.clone(), &account.api_base, &account.app_id, secret))
+            }),
+            gave_up: Default::default(),
         });
         let routes = Router::new()
             .route(&account.path, get(http::verify_url).post(http::receive))

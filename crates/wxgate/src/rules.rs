@@ -35,8 +35,9 @@ struct WhenFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReplyFile {
+pub(crate) struct ReplyFile {
     text: Option<String>,
+    forward: Option<ForwardFile>,
     news: Option<Vec<ArticleFile>>,
     image: Option<MediaFile>,
     voice: Option<MediaFile>,
@@ -88,10 +89,32 @@ struct MusicFile {
     thumb_media_id: String,
 }
 
+/// `forward = "URL"` or `forward = { url = "URL", background = true }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ForwardFile {
+    Url(String),
+    Table {
+        url: String,
+        #[serde(default)]
+        background: bool,
+    },
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TransferFile {
     kf_account: Option<String>,
+}
+
+/// What a matching rule asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Answer with this reply (or none).
+    Reply(Reply),
+    /// Hand the push to the owner's service at `url`; `background` sends it through the
+    /// outbox and answers `success` at once.
+    Forward { url: String, background: bool },
 }
 
 /// A checked rule.
@@ -114,6 +137,7 @@ struct When {
 
 #[derive(Debug, Clone)]
 enum ReplyTemplate {
+    Forward { url: String, background: bool },
     None,
     Text(Template),
     Image(Template),
@@ -143,6 +167,11 @@ impl Rule {
         Ok(Rule { when, reply: ReplyTemplate::check(r.reply, &format!("{at}.reply"))? })
     }
 
+    /// Whether this rule hands pushes to the owner's service.
+    pub fn forwards(&self) -> bool {
+        matches!(self.reply, ReplyTemplate::Forward { .. })
+    }
+
     /// Whether every matcher of this rule holds for the push.
     pub fn matches(&self, push: &Push) -> bool {
         let w = &self.when;
@@ -156,11 +185,20 @@ impl Rule {
             && w.content_regex.as_ref().is_none_or(|re| push.content().is_some_and(|c| re.is_match(c)))
     }
 
-    /// The reply of this rule for the push.
-    pub fn reply(&self, push: &Push) -> Reply {
-        let r = |t: &Template| t.render(push);
+    /// What this rule does with the push.
+    pub fn action(&self, push: &Push) -> Action {
         match &self.reply {
-            ReplyTemplate::None => Reply::None,
+            ReplyTemplate::Forward { url, background } => Action::Forward { url: url.clone(), background: *background },
+            other => Action::Reply(other.render(push)),
+        }
+    }
+}
+
+impl ReplyTemplate {
+    fn render(&self, push: &Push) -> Reply {
+        let r = |t: &Template| t.render(push);
+        match self {
+            ReplyTemplate::Forward { .. } | ReplyTemplate::None => Reply::None,
             ReplyTemplate::Text(t) => Reply::Text(r(t)),
             ReplyTemplate::Image(t) => Reply::Image { media_id: r(t) },
             ReplyTemplate::Voice(t) => Reply::Voice { media_id: r(t) },
@@ -183,14 +221,60 @@ impl Rule {
     }
 }
 
-/// The reply of the first matching rule, or no reply.
-pub fn answer(rules: &[Rule], push: &Push) -> Reply {
-    rules.iter().find(|r| r.matches(push)).map_or(Reply::None, |r| r.reply(push))
+/// What the first matching rule asks for; no match means no reply.
+pub fn answer(rules: &[Rule], push: &Push) -> Action {
+    rules.iter().find(|r| r.matches(push)).map_or(Action::Reply(Reply::None), |r| r.action(push))
+}
+
+/// A reply given as JSON by the owner's service (the same shape as a rule's `reply`,
+/// taken literally: no placeholders). An empty object means no reply.
+pub fn literal_reply(json: &[u8]) -> Result<Reply, String> {
+    let trimmed = std::str::from_utf8(json).map_err(|_| "answer is not utf-8".to_owned())?.trim();
+    if trimmed.is_empty() || trimmed == "{}" {
+        return Ok(Reply::None);
+    }
+    let file: ReplyFile = serde_json::from_str(trimmed).map_err(|e| format!("answer is not a reply: {e}"))?;
+    if file.forward.is_some() {
+        return Err("an answer cannot forward again".into());
+    }
+    let template = ReplyTemplate::check_with(file, "answer", Template::literal).map_err(|e| e.to_string())?;
+    // Literal templates ignore the push; any push renders them.
+    Ok(template.render_literal())
 }
 
 impl ReplyTemplate {
     fn check(r: ReplyFile, at: &str) -> Result<ReplyTemplate, ConfigError> {
+        Self::check_with(r, at, Template::parse)
+    }
+
+    fn render_literal(&self) -> Reply {
+        let r = |t: &Template| t.literal_text();
+        match self {
+            ReplyTemplate::Forward { .. } | ReplyTemplate::None => Reply::None,
+            ReplyTemplate::Text(t) => Reply::Text(r(t)),
+            ReplyTemplate::Image(t) => Reply::Image { media_id: r(t) },
+            ReplyTemplate::Voice(t) => Reply::Voice { media_id: r(t) },
+            ReplyTemplate::Video([m, t, d]) => Reply::Video { media_id: r(m), title: r(t), description: r(d) },
+            ReplyTemplate::Music([t, d, u, hq, thumb]) => Reply::Music {
+                title: r(t),
+                description: r(d),
+                music_url: r(u),
+                hq_music_url: r(hq),
+                thumb_media_id: r(thumb),
+            },
+            ReplyTemplate::News(items) => Reply::News(
+                items
+                    .iter()
+                    .map(|[t, d, u, p]| Article { title: r(t), description: r(d), url: r(u), pic_url: r(p) })
+                    .collect(),
+            ),
+            ReplyTemplate::Transfer(kf) => Reply::TransferCustomerService { kf_account: kf.as_ref().map(r) },
+        }
+    }
+
+    fn check_with(r: ReplyFile, at: &str, parse: fn(&str) -> Result<Template, String>) -> Result<ReplyTemplate, ConfigError> {
         let given = [
+            r.forward.is_some(),
             r.text.is_some(),
             r.news.is_some(),
             r.image.is_some(),
@@ -203,11 +287,20 @@ impl ReplyTemplate {
         if given.iter().filter(|g| **g).count() != 1 {
             return Err(err(
                 at,
-                "give exactly one of text, news, image, voice, video, music, transfer_customer_service, none",
+                "give exactly one of text, news, image, voice, video, music, transfer_customer_service, forward, none",
             ));
         }
-        let t = |field: &str, s: &str| Template::parse(s).map_err(|e| err(format!("{at}.{field}"), e));
-        Ok(if let Some(text) = r.text {
+        let t = |field: &str, s: &str| parse(s).map_err(|e| err(format!("{at}.{field}"), e));
+        Ok(if let Some(forward) = r.forward {
+            let (url, background) = match forward {
+                ForwardFile::Url(url) => (url, false),
+                ForwardFile::Table { url, background } => (url, background),
+            };
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(err(format!("{at}.forward"), format!("must be an http:// or https:// URL, got {url:?}")));
+            }
+            ReplyTemplate::Forward { url, background }
+        } else if let Some(text) = r.text {
             ReplyTemplate::Text(t("text", &text)?)
         } else if let Some(news) = r.news {
             if news.is_empty() {
@@ -324,6 +417,15 @@ impl Template {
         Ok(Template(pieces))
     }
 
+    /// A template that is only text: braces mean themselves.
+    fn literal(s: &str) -> Result<Template, String> {
+        Ok(Template(vec![Piece::Lit(s.to_owned())]))
+    }
+
+    fn literal_text(&self) -> String {
+        self.0.iter().map(|p| if let Piece::Lit(s) = p { s.as_str() } else { "" }).collect()
+    }
+
     fn render(&self, push: &Push) -> String {
         let mut out = String::new();
         for piece in &self.0 {
@@ -381,6 +483,10 @@ reply = { text = "{content} {{ok}}" }
     #[test]
     fn first_matching_rule_wins() {
         let r = rules(DEMO);
+        let answer = |r: &[Rule], p: &Push| match super::answer(r, p) {
+            Action::Reply(reply) => reply,
+            other => panic!("unexpected {other:?}"),
+        };
         let sub = push("<MsgType>event</MsgType><Event>subscribe</Event><EventKey>qrscene_spring_poster</EventKey>");
         assert_eq!(answer(&r, &sub), Reply::Text("Welcome, you came from the spring_poster poster".into()));
         let click = push("<MsgType>event</MsgType><Event>click</Event><EventKey>MENU_A</EventKey>");
@@ -391,6 +497,24 @@ reply = { text = "{content} {{ok}}" }
         assert_eq!(answer(&r, &echo), Reply::Text("hi {ok}".into()));
         let plain_sub = push("<MsgType>event</MsgType><Event>subscribe</Event>");
         assert_eq!(answer(&r, &plain_sub), Reply::None);
+    }
+
+    #[test]
+    fn forwards_and_literal_answers() {
+        let r = rules("[[rules]]\nwhen = { msg_type = \"text\" }\nreply = { forward = \"http://127.0.0.1:9/hook\" }\n\
+                       [[rules]]\nreply = { forward = { url = \"https://x/y\", background = true } }\n");
+        let text = push("<MsgType>text</MsgType><Content>hi</Content><MsgId>1</MsgId>");
+        assert_eq!(answer(&r, &text), Action::Forward { url: "http://127.0.0.1:9/hook".into(), background: false });
+        let other = push("<MsgType>event</MsgType><Event>VIEW</Event>");
+        assert_eq!(answer(&r, &other), Action::Forward { url: "https://x/y".into(), background: true });
+
+        assert_eq!(literal_reply(b"{\"text\": \"{content} ok\"}").unwrap(), Reply::Text("{content} ok".into()));
+        assert_eq!(literal_reply(b"").unwrap(), Reply::None);
+        assert_eq!(literal_reply(b"{}").unwrap(), Reply::None);
+        assert!(matches!(literal_reply(b"{\"news\": [{\"title\": \"t\"}]}").unwrap(), Reply::News(a) if a.len() == 1));
+        assert!(literal_reply(b"{\"text\": 1}").is_err());
+        assert!(literal_reply(b"{\"forward\": \"http://a\"}").is_err());
+        assert!(literal_reply(b"not json").is_err());
     }
 
     #[test]

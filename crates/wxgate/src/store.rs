@@ -22,7 +22,8 @@ const MAX_BATCH: usize = 512;
 /// Requests that may wait for the writer before callers wait too.
 const QUEUE: usize = 8192;
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_pushes.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("../migrations/sqlite/0001_pushes.sql"), include_str!("../migrations/sqlite/0002_forwarding.sql")];
 
 /// A store failure. The push is not acknowledged, so WeChat delivers it again.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,6 +60,51 @@ pub struct NewRecord {
     /// Why a dead letter could not be understood.
     pub error: Option<String>,
     pub received_at_ms: i64,
+    /// The state of the answer (see [`Status`]).
+    pub status: Status,
+    /// Queue the push for background delivery in the same transaction.
+    pub outbox: Option<OutboxEntry>,
+}
+
+/// Where a push's answer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Status {
+    /// `reply` is final.
+    #[default]
+    Answered,
+    /// Waiting for the owner's service.
+    Forwarding,
+    /// WeChat got `success`; the reply went later through the customer-service API.
+    Late,
+    /// The forward failed; a retry may try again.
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Answered => "answered",
+            Status::Forwarding => "forwarding",
+            Status::Late => "late",
+            Status::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Status {
+        match s {
+            "forwarding" => Status::Forwarding,
+            "late" => Status::Late,
+            "failed" => Status::Failed,
+            _ => Status::Answered,
+        }
+    }
+}
+
+/// A background delivery to queue with a push.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxEntry {
+    pub url: String,
+    pub payload: String,
 }
 
 /// What an insert found.
@@ -66,12 +112,46 @@ pub struct NewRecord {
 pub enum Inserted {
     /// Recorded now.
     New,
-    /// Recorded before (a retry); its reply as stored.
-    Existing { reply: Option<String> },
+    /// Recorded before (a retry); its reply and status as stored.
+    Existing { reply: Option<String>, status: Status },
+}
+
+/// A change to a recorded push's answer.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub account: String,
+    pub dedup_key: String,
+    pub reply: Option<String>,
+    pub status: Status,
+    pub late_result: Option<String>,
+}
+
+/// An outbox entry due for delivery.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub id: i64,
+    pub account: String,
+    pub dedup_key: String,
+    pub follower: String,
+    pub url: String,
+    pub payload: String,
+    pub attempts: i64,
+}
+
+/// The result of one outbox delivery attempt.
+#[derive(Debug, Clone)]
+pub enum Attempted {
+    Delivered,
+    /// Failed; try again at `next_at_ms`, or park it as dead when `dead`.
+    Failed { error: String, next_at_ms: i64, dead: bool },
 }
 
 enum Op {
     Insert(Box<NewRecord>, oneshot::Sender<Result<Inserted, StoreError>>),
+    Update(Box<Update>, oneshot::Sender<Result<(), StoreError>>),
+    Attempted { id: i64, result: Attempted, done: oneshot::Sender<Result<(), StoreError>> },
+    /// Makes dead (or all failed-and-waiting) entries due again; answers how many.
+    Redrive { id: Option<i64>, done: oneshot::Sender<Result<usize, StoreError>> },
     Retry { account: String, dedup_key: String },
     /// Answers once a transaction has committed: the store is writable.
     Probe(oneshot::Sender<Result<(), StoreError>>),
@@ -190,6 +270,56 @@ impl Store {
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Changes the answer of a recorded push; resolves once committed.
+    pub async fn update(&self, update: Update) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Op::Update(Box::new(update), done)).await.map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records the result of an outbox delivery attempt.
+    pub async fn attempted(&self, id: i64, result: Attempted) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Op::Attempted { id, result, done }).await.map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Makes a dead outbox entry (or, with `None`, every dead one) pending again.
+    pub async fn redrive(&self, id: Option<i64>) -> Result<usize, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Op::Redrive { id, done }).await.map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Outbox entries due now: for each follower only the oldest pending one, so that a
+    /// follower's pushes are delivered in order.
+    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+        let conn = open_read(&self.path)?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT o.id, o.account, o.dedup_key, o.follower, o.url, o.payload, o.attempts FROM outbox o
+                 WHERE o.state = 'pending' AND o.next_at <= ?1
+                   AND o.id = (SELECT MIN(p.id) FROM outbox p
+                               WHERE p.account = o.account AND p.follower = o.follower AND p.state = 'pending')
+                 ORDER BY o.next_at, o.id LIMIT ?2",
+            )
+            .map_err(read_err)?;
+        let rows = stmt
+            .query_map(params![now_ms, limit as i64], |r| {
+                Ok(Due {
+                    id: r.get(0)?,
+                    account: r.get(1)?,
+                    dedup_key: r.get(2)?,
+                    follower: r.get(3)?,
+                    url: r.get(4)?,
+                    payload: r.get(5)?,
+                    attempts: r.get(6)?,
+                })
+            })
+            .map_err(read_err)?;
+        rows.collect::<Result<_, _>>().map_err(read_err)
+    }
+
     /// Counts one more delivery of a recorded push; best effort, nobody waits for it.
     pub fn note_retry(&self, account: &str, dedup_key: &str) {
         let _ = self.tx.try_send(Op::Retry { account: account.to_owned(), dedup_key: dedup_key.to_owned() });
@@ -261,14 +391,18 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
             match op {
                 Op::Insert(_, done) => {
                     let answer = match (&outcome, result) {
-                        (Ok(()), Some(r)) => Ok(r),
+                        (Ok(()), Some(OpResult::Inserted(r))) => Ok(r),
                         (Err(e), _) => Err(e.clone()),
-                        (Ok(()), None) => Err(StoreError::Write("insert produced no result".into())),
+                        (Ok(()), _) => Err(StoreError::Write("insert produced no result".into())),
                     };
                     let _ = done.send(answer);
                 }
-                Op::Probe(done) => {
+                Op::Probe(done) | Op::Update(_, done) | Op::Attempted { done, .. } => {
                     let _ = done.send(outcome.clone());
+                }
+                Op::Redrive { done, .. } => {
+                    let n = if let Some(OpResult::Count(n)) = result { n } else { 0 };
+                    let _ = done.send(outcome.clone().map(|()| n));
                 }
                 Op::Retry { .. } | Op::Close => {}
             }
@@ -301,20 +435,26 @@ fn note_outcome(shared: &Shared, outcome: &Result<(), StoreError>, batch: usize,
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<Inserted>>) -> Result<(), StoreError> {
+/// What one op produced inside a committed batch.
+enum OpResult {
+    Inserted(Inserted),
+    Count(usize),
+}
+
+fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult>>) -> Result<(), StoreError> {
     let werr = |e: rusqlite::Error| StoreError::Write(e.to_string());
     let tx = conn.transaction().map_err(werr)?;
     {
         let mut insert = tx
             .prepare_cached(
                 "INSERT INTO pushes (account, dedup_key, kind, msg_type, event, from_user, to_user, create_time,
-                    encrypted, xml, fields, reply, dead_letter, error, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                    encrypted, xml, fields, reply, dead_letter, error, received_at, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT (account, dedup_key) DO NOTHING",
             )
             .map_err(werr)?;
         let mut existing =
-            tx.prepare_cached("SELECT reply FROM pushes WHERE account = ?1 AND dedup_key = ?2").map_err(werr)?;
+            tx.prepare_cached("SELECT reply, status FROM pushes WHERE account = ?1 AND dedup_key = ?2").map_err(werr)?;
         let mut retry = tx
             .prepare_cached("UPDATE pushes SET deliveries = deliveries + 1 WHERE account = ?1 AND dedup_key = ?2")
             .map_err(werr)?;
@@ -338,19 +478,65 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<Inserted
                             r.dead_letter,
                             r.error,
                             r.received_at_ms,
+                            r.status.as_str(),
                         ])
                         .map_err(werr)?;
-                    results.push(Some(if changed == 1 {
+                    let inserted = if changed == 1 {
+                        if let Some(o) = &r.outbox {
+                            tx.prepare_cached(
+                                "INSERT INTO outbox (account, dedup_key, follower, url, payload, next_at, created_at)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT DO NOTHING",
+                            )
+                            .and_then(|mut q| {
+                                q.execute(params![r.account, r.dedup_key, r.from_user.as_deref().unwrap_or_default(), o.url, o.payload, r.received_at_ms])
+                            })
+                            .map_err(werr)?;
+                        }
                         Inserted::New
                     } else {
-                        let reply = existing
-                            .query_row(params![r.account, r.dedup_key], |row| row.get(0))
+                        let (reply, status): (Option<String>, String) = existing
+                            .query_row(params![r.account, r.dedup_key], |row| Ok((row.get(0)?, row.get(1)?)))
                             .optional()
                             .map_err(werr)?
-                            .flatten();
+                            .unwrap_or_default();
                         retry.execute(params![r.account, r.dedup_key]).map_err(werr)?;
-                        Inserted::Existing { reply }
-                    }));
+                        Inserted::Existing { reply, status: Status::parse(&status) }
+                    };
+                    results.push(Some(OpResult::Inserted(inserted)));
+                }
+                Op::Update(u, _) => {
+                    tx.prepare_cached(
+                        "UPDATE pushes SET reply = ?3, status = ?4, late_result = COALESCE(?5, late_result)
+                         WHERE account = ?1 AND dedup_key = ?2",
+                    )
+                    .and_then(|mut q| q.execute(params![u.account, u.dedup_key, u.reply, u.status.as_str(), u.late_result]))
+                    .map_err(werr)?;
+                    results.push(None);
+                }
+                Op::Attempted { id, result, .. } => {
+                    match result {
+                        Attempted::Delivered => tx
+                            .prepare_cached("UPDATE outbox SET state = 'delivered', attempts = attempts + 1, last_error = NULL WHERE id = ?1")
+                            .and_then(|mut q| q.execute(params![id])),
+                        Attempted::Failed { error, next_at_ms, dead } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, next_at = ?3,
+                                    state = CASE WHEN ?4 THEN 'dead' ELSE 'pending' END WHERE id = ?1",
+                            )
+                            .and_then(|mut q| q.execute(params![id, error, next_at_ms, dead])),
+                    }
+                    .map_err(werr)?;
+                    results.push(None);
+                }
+                Op::Redrive { id, .. } => {
+                    let n = tx
+                        .prepare_cached(
+                            "UPDATE outbox SET state = 'pending', attempts = 0, next_at = 0
+                             WHERE state = 'dead' AND (?1 IS NULL OR id = ?1)",
+                        )
+                        .and_then(|mut q| q.execute(params![id]))
+                        .map_err(werr)?;
+                    results.push(Some(OpResult::Count(n)));
                 }
                 Op::Retry { account, dedup_key } => {
                     retry.execute(params![account, dedup_key]).map_err(werr)?;
@@ -464,13 +650,13 @@ mod tests {
         assert_eq!(store.insert(record("k", Some("<xml>r</xml>"))).await.unwrap(), Inserted::New);
         assert_eq!(
             store.insert(record("k", Some("other"))).await.unwrap(),
-            Inserted::Existing { reply: Some("<xml>r</xml>".into()) }
+            Inserted::Existing { reply: Some("<xml>r</xml>".into()), status: Status::Answered }
         );
         drop(store);
 
         // Reopened, as after a restart.
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.insert(record("k", None)).await.unwrap(), Inserted::Existing { reply: Some("<xml>r</xml>".into()) });
+        assert_eq!(store.insert(record("k", None)).await.unwrap(), Inserted::Existing { reply: Some("<xml>r</xml>".into()), status: Status::Answered });
         let rows = read_all(dir.path(), None).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].deliveries, 3);

@@ -1,0 +1,356 @@
+//! What happens to an authentic push once it is typed: de-duplication, the account's
+//! rule, the record, and the answer — within the reply budget, also when the answer
+//! comes from the owner's service.
+//!
+//! Three paths:
+//! - a rule's reply (or none): computed at once, recorded with the push, answered;
+//! - a forward in the background (the rule asks for it, or WeChat shows no reply to this
+//!   kind of push): recorded together with an outbox entry in one transaction, answered
+//!   `success`; the outbox hands it on;
+//! - a forward in time: the push is recorded first, then the owner's service is called
+//!   in a task of its own. An answer within the budget becomes the passive reply. A late
+//!   one, depending on the account's `late_reply`: the delivery is answered `success` and
+//!   the reply goes out as a customer-service message; or the delivery is left
+//!   unanswered so that WeChat delivers again, and a retry gets the reply when it is
+//!   ready (the last delivery gets `success`); or it is dropped.
+//!
+//! In every path WeChat's retries never run a rule or a forward again: they join the
+//! delivery in flight or get the recorded answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use wxgate_protocol::push::{Event, Kind, PushError};
+use wxgate_protocol::{Push, Reply, reply, xml};
+
+use crate::config::LateReply;
+use crate::dedup::{Answer, Claim, Guard};
+use crate::fields;
+use crate::forward::{self, ForwardError};
+use crate::http::{AccountState, Outcome, Rejection, unix_ms, unix_now};
+use crate::rules::{self, Action};
+use crate::store::{Inserted, NewRecord, OutboxEntry, Status, Update};
+
+/// How long a forward may run at all, after which its reply is given up.
+const FORWARD_LIMIT: Duration = Duration::from_secs(30);
+/// WeChat's wait for one delivery.
+const WECHAT_DEADLINE: Duration = Duration::from_secs(5);
+
+impl AccountState {
+    /// De-duplicates, answers and records a typed push.
+    pub(crate) async fn handle(self: &Arc<Self>, push: &Push, doc: &str, encrypted: bool, started: Instant) -> Result<(Outcome, Answer, &'static str), Rejection> {
+        let kind = push.kind_name();
+        let key = push.dedup_key();
+        let (outcome, answer) = match rules::answer(&self.account.rules, push) {
+            Action::Reply(reply) => {
+                let xml = self.render(push, &reply);
+                self.once(&key, started, || self.record(push, doc, encrypted, &key, xml, Status::Answered, None)).await?
+            }
+            Action::Forward { url, background } if background || !can_reply(push) => {
+                let outbox = OutboxEntry { url, payload: forward::payload(&self.account.name, &key, push, doc, None) };
+                self.once(&key, started, || self.record(push, doc, encrypted, &key, None, Status::Answered, Some(outbox))).await?
+            }
+            Action::Forward { url, .. } => self.forward_in_time(push, doc, encrypted, &key, &url, started).await?,
+        };
+        Ok((outcome, answer, kind))
+    }
+
+    /// Records an authentic push that could not be understood; it is answered `success`.
+    pub(crate) async fn dead_letter(&self, doc: &str, encrypted: bool, e: &PushError, started: Instant) -> Result<(Outcome, Answer, &'static str), Rejection> {
+        debug!(account = %self.account.name, error = %e, "push kept as dead letter");
+        let key = format!("dead:{}", hex::encode(sha1_digest(doc.as_bytes())));
+        let fields = xml::parse(doc).map(|root| fields::object(&root)).unwrap_or_default();
+        let make = || NewRecord {
+            account: self.account.name.clone(),
+            dedup_key: key.clone(),
+            kind: "dead_letter".into(),
+            encrypted,
+            xml: doc.to_owned(),
+            fields: serde_json::Value::Object(fields).to_string(),
+            dead_letter: true,
+            error: Some(e.to_string()),
+            received_at_ms: unix_ms(),
+            ..NewRecord::default()
+        };
+        let (outcome, answer) = self.once(&key, started, make).await?;
+        let outcome = if matches!(outcome, Outcome::Handled) { Outcome::DeadLetter } else { outcome };
+        Ok((outcome, answer, "dead_letter"))
+    }
+
+    /// The reply XML for this push, news cut to WeChat's article limit.
+    fn render(&self, push: &Push, reply: &Reply) -> Option<String> {
+        let max = reply::max_articles(push);
+        let dropped = reply.dropped_articles(max);
+        if dropped > 0 {
+            warn!(account = %self.account.name, dropped, max, "news reply cut to WeChat's article limit");
+        }
+        reply.to_xml(&push.from, &push.to, unix_now(), max)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(&self, push: &Push, doc: &str, encrypted: bool, key: &str, reply: Option<String>, status: Status, outbox: Option<OutboxEntry>) -> NewRecord {
+        NewRecord {
+            account: self.account.name.clone(),
+            dedup_key: key.to_owned(),
+            kind: push.kind_name().to_owned(),
+            msg_type: Some(push.msg_type.clone()),
+            event: push.event_name().map(str::to_owned),
+            from_user: Some(push.from.clone()),
+            to_user: Some(push.to.clone()),
+            create_time: Some(push.create_time.raw().to_owned()).filter(|c| !c.is_empty()),
+            encrypted,
+            xml: doc.to_owned(),
+            fields: serde_json::Value::Object(fields::of_push(push)).to_string(),
+            reply,
+            dead_letter: false,
+            error: None,
+            received_at_ms: unix_ms(),
+            status,
+            outbox,
+        }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}\u{0}{key}", self.account.name)
+    }
+
+    /// Stores `make`'s record at most once per key, joining a delivery in flight or
+    /// reusing a recorded answer.
+    async fn once(&self, key: &str, started: Instant, make: impl FnOnce() -> NewRecord) -> Result<(Outcome, Answer), Rejection> {
+        let full = self.full_key(key);
+        let deadline = started + self.account.reply_budget;
+        let mut make = Some(make);
+        loop {
+            match self.dedup.claim(&full) {
+                Claim::Done(answer) => {
+                    self.store.note_retry(&self.account.name, key);
+                    return Ok((Outcome::Duplicate, answer));
+                }
+                Claim::InFlight(rx, _) => match wait_answer(rx, deadline).await {
+                    Waited::Answer(answer) => {
+                        self.store.note_retry(&self.account.name, key);
+                        return Ok((Outcome::RetryJoined, answer));
+                    }
+                    // The first delivery failed and released the key: try ourselves.
+                    Waited::Released => continue,
+                    Waited::TimedOut => return Err(Rejection::StillInFlight),
+                },
+                Claim::New(guard) => {
+                    let Some(make) = make.take() else { return Err(Rejection::StillInFlight) };
+                    let record = make();
+                    let reply = record.reply.clone();
+                    let (outcome, reply) = match self.store.insert(record).await? {
+                        Inserted::New => (Outcome::Handled, reply),
+                        Inserted::Existing { reply, .. } => (Outcome::Duplicate, reply),
+                    };
+                    let answer = Answer { reply: reply.map(Arc::from) };
+                    guard.finish(answer.clone());
+                    return Ok((outcome, answer));
+                }
+            }
+        }
+    }
+
+    /// Forwards the push and answers with the service's reply if it comes within the
+    /// budget; see the module doc for what happens when it does not.
+    async fn forward_in_time(self: &Arc<Self>, push: &Push, doc: &str, encrypted: bool, key: &str, url: &str, started: Instant) -> Result<(Outcome, Answer), Rejection> {
+        let full = self.full_key(key);
+        let deadline = started + self.account.reply_budget;
+        loop {
+            match self.dedup.claim(&full) {
+                Claim::Done(answer) => {
+                    self.store.note_retry(&self.account.name, key);
+                    return Ok((Outcome::Duplicate, answer));
+                }
+                Claim::InFlight(rx, joins) => {
+                    self.store.note_retry(&self.account.name, key);
+                    match wait_answer(rx, deadline).await {
+                        Waited::Answer(answer) => return Ok((Outcome::RetryJoined, answer)),
+                        Waited::Released => continue,
+                        Waited::TimedOut => return self.still_waiting(&full, joins),
+                    }
+                }
+                Claim::New(guard) => {
+                    // Durable first: the push is kept even if the service never answers.
+                    let record = self.record(push, doc, encrypted, key, None, Status::Forwarding, None);
+                    match self.store.insert(record).await? {
+                        Inserted::Existing { status: Status::Answered | Status::Late, reply } => {
+                            let answer = Answer { reply: reply.map(Arc::from) };
+                            guard.finish(answer.clone());
+                            return Ok((Outcome::Duplicate, answer));
+                        }
+                        // New, or an earlier forward failed or was cut short by a restart.
+                        _ => {}
+                    }
+                    let rx = guard.subscribe();
+                    let job = ForwardJob {
+                        state: self.clone(),
+                        url: url.to_owned(),
+                        key: key.to_owned(),
+                        payload: forward::payload(&self.account.name, key, push, doc, Some(epoch_ms(deadline))),
+                        from: push.from.clone(),
+                        to: push.to.clone(),
+                        max_articles: reply::max_articles(push),
+                        deadline,
+                        started,
+                    };
+                    tokio::spawn(job.run(guard));
+                    return match wait_answer(rx, deadline).await {
+                        Waited::Answer(answer) => Ok((Outcome::Handled, answer)),
+                        Waited::Released => Err(Rejection::ForwardFailed),
+                        Waited::TimedOut => self.still_waiting(&full, 0),
+                    };
+                }
+            }
+        }
+    }
+
+    /// A delivery whose answer is not ready at its budget. Holding for a retry: refuse it
+    /// (503) so that WeChat delivers again — unless it is WeChat's last delivery, which
+    /// gets `success` (and the reply, when it comes, is treated as late).
+    fn still_waiting(&self, full_key: &str, joins: u32) -> Result<(Outcome, Answer), Rejection> {
+        if self.account.late_reply == LateReply::HoldForRetry {
+            if joins + 1 < self.account.wechat_attempts {
+                return Err(Rejection::StillInFlight);
+            }
+            // The forward job still holds the push; tell it the follower got nothing.
+            self.gave_up.lock().unwrap_or_else(|p| p.into_inner()).insert(full_key.to_owned());
+        }
+        Ok((Outcome::Late, Answer { reply: None }))
+    }
+}
+
+/// What waiting for a delivery in flight gave.
+enum Waited {
+    Answer(Answer),
+    Released,
+    TimedOut,
+}
+
+async fn wait_answer(mut rx: tokio::sync::watch::Receiver<Option<Answer>>, deadline: Instant) -> Waited {
+    match tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await {
+        Ok(Ok(answer)) => Waited::Answer(answer.clone().unwrap_or(Answer { reply: None })),
+        Ok(Err(_)) => Waited::Released,
+        Err(_) => Waited::TimedOut,
+    }
+}
+
+/// A forward running on its own, owning the right to answer the push.
+struct ForwardJob {
+    state: Arc<AccountState>,
+    url: String,
+    key: String,
+    payload: String,
+    from: String,
+    to: String,
+    max_articles: usize,
+    deadline: Instant,
+    started: Instant,
+}
+
+impl ForwardJob {
+    async fn run(self, guard: Guard) {
+        let s = &self.state;
+        let Some(secret) = s.account.forward_secret.clone() else { return };
+        let call = forward::call(&s.client, &self.url, &secret, &self.key, &self.payload, FORWARD_LIMIT);
+        tokio::pin!(call);
+
+        // Within the budget: the reply is the passive reply.
+        let mut guard = Some(guard);
+        let result = match tokio::time::timeout_at(self.deadline.into(), &mut call).await {
+            Ok(result) => result,
+            Err(_) => {
+                if s.account.late_reply != LateReply::HoldForRetry {
+                    // WeChat gets `success` now; the reply, if any, goes another way.
+                    if let Some(g) = guard.take() {
+                        g.finish(Answer { reply: None });
+                    }
+                }
+                // Holding: wait as long as WeChat may still deliver again.
+                let hold = self.started + WECHAT_DEADLINE * s.account.wechat_attempts;
+                let limit = if guard.is_some() { hold } else { self.started + FORWARD_LIMIT };
+                tokio::time::timeout_at(limit.into(), &mut call)
+                    .await
+                    .unwrap_or_else(|_| Err(ForwardError::Transport(format!("no answer within {:?}", limit - self.started))))
+            }
+        };
+
+        let full = s.full_key(&self.key);
+        let gave_up = s.gave_up.lock().unwrap_or_else(|p| p.into_inner()).remove(&full);
+        match result {
+            Ok(reply) => {
+                let xml = reply.to_xml(&self.from, &self.to, unix_now(), self.max_articles);
+                if let Some(g) = guard.take().filter(|_| !gave_up) {
+                    // In time (or in time for a held retry): the passive reply.
+                    let update = self.update(xml.clone(), Status::Answered, None);
+                    if let Err(e) = s.store.update(update).await {
+                        warn!(account = %s.account.name, error = %e, "forward reply not recorded");
+                        return; // dropping the guard releases the push to WeChat's retry
+                    }
+                    g.finish(Answer { reply: xml.map(Arc::from) });
+                } else {
+                    self.late(reply, xml).await;
+                }
+            }
+            Err(e) => {
+                warn!(account = %s.account.name, url = %self.url, error = %e, "forward failed");
+                let late = if guard.is_some() { None } else { Some(format!("forward failed: {e}")) };
+                let _ = s.store.update(self.update(None, Status::Failed, late)).await;
+                // With the guard dropped here, a retry of this push forwards again.
+            }
+        }
+    }
+
+    /// A reply that missed its delivery.
+    async fn late(&self, reply: Reply, xml: Option<String>) {
+        let s = &self.state;
+        if reply == Reply::None {
+            let _ = s.store.update(self.update(None, Status::Late, Some("no reply".into()))).await;
+            return;
+        }
+        let result = match (&s.api, s.account.late_reply) {
+            (Some(api), LateReply::CustomerService | LateReply::HoldForRetry) => match api.send_custom(&self.from, &reply).await {
+                Ok(()) => "sent as a customer-service message".to_owned(),
+                Err(e) => {
+                    warn!(account = %s.account.name, error = %e, "late reply not sent");
+                    format!("customer-service message failed: {e}")
+                }
+            },
+            _ => "dropped: not ready in time".to_owned(),
+        };
+        info!(account = %s.account.name, result = %result, "late reply");
+        let _ = s.store.update(self.update(xml, Status::Late, Some(result))).await;
+    }
+
+    fn update(&self, reply: Option<String>, status: Status, late_result: Option<String>) -> Update {
+        Update { account: self.state.account.name.clone(), dedup_key: self.key.clone(), reply, status, late_result }
+    }
+}
+
+/// Whether WeChat shows a passive reply to this push at all (protocol.md §8.4); those
+/// that it does not are forwarded in the background.
+pub(crate) fn can_reply(push: &Push) -> bool {
+    match &push.kind {
+        Kind::Message(_) => true,
+        Kind::Event(e) => matches!(
+            e,
+            Event::Subscribe { .. }
+                | Event::Scan { .. }
+                | Event::Click { .. }
+                | Event::ScancodePush { .. }
+                | Event::ScancodeWaitmsg { .. }
+                | Event::Pictures { .. }
+                | Event::LocationSelect { .. }
+        ),
+    }
+}
+
+fn epoch_ms(at: Instant) -> i64 {
+    unix_ms() + at.saturating_duration_since(Instant::now()).as_millis() as i64
+}
+
+fn sha1_digest(data: &[u8]) -> [u8; 20] {
+    use sha1::Digest;
+    sha1::Sha1::digest(data).into()
+}
