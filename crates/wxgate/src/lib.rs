@@ -15,6 +15,7 @@ pub mod forward;
 mod handle;
 pub mod http;
 pub mod metrics;
+pub mod outbox;
 pub mod rules;
 pub mod sim;
 pub mod status;
@@ -60,7 +61,8 @@ impl App {
 }
 
 /// Opens the store, warms the retry window from it and builds the routes: one path per
-/// account (GET verification, POST pushes) and `/healthz`.
+/// account (GET verification, POST pushes), `/healthz` and `/readyz`. Called inside a
+/// Tokio runtime, it also starts the outbox worker.
 pub fn build(config: &Config) -> Result<App, StoreError> {
     let store = Store::open(&config.data_dir)?;
     let window = Duration::from_secs(config.dedup_window_secs);
@@ -106,6 +108,9 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             .route(&account.path, get(http::verify_url).post(http::receive))
             .with_state(state);
         router = router.merge(routes);
+    }
+    if tokio::runtime::Handle::try_current().is_ok() {
+        outbox::spawn(config, store.clone(), client);
     }
     Ok(App { router, store, metrics, dedup })
 }

@@ -42,6 +42,11 @@ enum Command {
         #[arg(long, default_value = "wxgate.toml")]
         config: PathBuf,
     },
+    /// Background deliveries to the owner's service: list them, re-drive parked ones.
+    Outbox {
+        #[command(subcommand)]
+        command: wxgate::outbox::OutboxCommand,
+    },
     /// Print recorded pushes as JSON lines, oldest first.
     Events {
         #[arg(long, default_value = "wxgate.toml")]
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
         }).map_err(anyhow::Error::from),
         Command::Events { config, account } => events(config, account),
         Command::Status { config } => status(config),
+        Command::Outbox { command } => wxgate::outbox::run(command, &mut std::io::stdout().lock()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

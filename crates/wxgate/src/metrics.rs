@@ -89,6 +89,7 @@ impl Metrics {
             let _ = writeln!(out, "wxgate_reply_seconds_sum{{account=\"{account}\"}} {}", h.sum);
             let _ = writeln!(out, "wxgate_reply_seconds_count{{account=\"{account}\"}} {}", h.count);
         }
+        let (pending, dead, oldest_ms) = crate::store::outbox_depth(store.dir(), crate::http::unix_ms()).unwrap_or_default();
         let s = store.stats();
         let mean = if s.commits == 0 { 0.0 } else { s.total_commit_micros as f64 / s.commits as f64 / 1e6 };
         for (name, kind, help, value) in [
@@ -100,6 +101,9 @@ impl Metrics {
             ("wxgate_store_queued", "gauge", "Requests waiting for the store writer.", store.queued() as f64),
             ("wxgate_store_healthy", "gauge", "1 when the last commit succeeded.", if store.healthy() { 1.0 } else { 0.0 }),
             ("wxgate_dedup_memory_entries", "gauge", "Push keys held in memory for recognising retries.", dedup_entries as f64),
+            ("wxgate_outbox_pending", "gauge", "Background deliveries waiting.", pending as f64),
+            ("wxgate_outbox_dead", "gauge", "Background deliveries parked after too many failures.", dead as f64),
+            ("wxgate_outbox_oldest_seconds", "gauge", "Age of the oldest waiting background delivery.", oldest_ms as f64 / 1000.0),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }

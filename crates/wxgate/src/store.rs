@@ -263,6 +263,11 @@ impl Store {
         &self.path
     }
 
+    /// The folder of the database file.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// Records a push durably; resolves once its transaction has committed.
     pub async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
         let (done, wait) = oneshot::channel();
@@ -571,6 +576,70 @@ pub struct Row {
     pub error: Option<String>,
     pub received_at_ms: i64,
     pub deliveries: i64,
+}
+
+/// One outbox entry as listed by the CLI.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub account: String,
+    pub dedup_key: String,
+    pub follower: String,
+    pub url: String,
+    pub attempts: i64,
+    pub state: String,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+    pub next_at_ms: i64,
+}
+
+/// Outbox entries, oldest first, optionally in one state.
+pub fn outbox_list(dir: &Path, state: Option<&str>) -> Result<Vec<OutboxRow>, StoreError> {
+    let path = dir.join("wxgate.db");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = open_read(&path)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, account, dedup_key, follower, url, attempts, state, last_error, created_at, next_at
+             FROM outbox WHERE ?1 IS NULL OR state = ?1 ORDER BY id",
+        )
+        .map_err(read_err)?;
+    let rows = stmt
+        .query_map(params![state], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                account: r.get(1)?,
+                dedup_key: r.get(2)?,
+                follower: r.get(3)?,
+                url: r.get(4)?,
+                attempts: r.get(5)?,
+                state: r.get(6)?,
+                last_error: r.get(7)?,
+                created_at_ms: r.get(8)?,
+                next_at_ms: r.get(9)?,
+            })
+        })
+        .map_err(read_err)?;
+    rows.collect::<Result<_, _>>().map_err(read_err)
+}
+
+/// Outbox depth: (pending, dead, age in ms of the oldest pending entry).
+pub fn outbox_depth(dir: &Path, now_ms: i64) -> Result<(i64, i64, i64), StoreError> {
+    let path = dir.join("wxgate.db");
+    if !path.exists() {
+        return Ok((0, 0, 0));
+    }
+    let conn = open_read(&path)?;
+    conn.query_row(
+        "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'dead'), 0),
+                COALESCE(?1 - MIN(CASE WHEN state = 'pending' THEN created_at END), 0)
+         FROM outbox",
+        params![now_ms],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .map_err(read_err)
 }
 
 /// Recorded pushes per account and kind: (account, kind, records, dead letters,

@@ -5,6 +5,7 @@ mod api;
 mod bad_input;
 mod cases;
 mod demo;
+mod forward;
 mod helpers;
 mod ops;
 mod sim;

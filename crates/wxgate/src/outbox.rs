@@ -1,0 +1,144 @@
+//! The outbox: pushes handed to the owner's service in the background, at least once.
+//!
+//! Entries are written in the same transaction as their push, so a push that was
+//! acknowledged is also queued, and a restart loses nothing. One worker delivers them:
+//! for each follower only the oldest pending entry is due, so a follower's pushes
+//! arrive in order; a failure is tried again after an exponential backoff, and after
+//! `max_attempts` the entry is parked as dead, listed and re-driven from the CLI
+//! (`wxgate outbox`). The service may see a push more than once (after a crash between
+//! its answer and our commit) and recognises it by `X-Wxgate-Dedup-Key`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use crate::client::Client;
+use crate::config::{Config, OutboxConfig, Secret};
+use crate::forward;
+use crate::http::unix_ms;
+use crate::store::{Attempted, Due, Store};
+
+/// How long one background delivery may take.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most entries attempted at once.
+const BATCH: usize = 64;
+
+/// Starts the worker; it runs until the runtime stops.
+pub fn spawn(config: &Config, store: Store, client: Client) -> tokio::task::JoinHandle<()> {
+    let secrets: HashMap<String, Secret> =
+        config.accounts.iter().filter_map(|a| a.forward_secret.clone().map(|s| (a.name.clone(), s))).collect();
+    let worker = Worker { store, client, secrets: Arc::new(secrets), cfg: config.outbox };
+    tokio::spawn(worker.run())
+}
+
+struct Worker {
+    store: Store,
+    client: Client,
+    secrets: Arc<HashMap<String, Secret>>,
+    cfg: OutboxConfig,
+}
+
+impl Worker {
+    async fn run(self) {
+        loop {
+            let store = self.store.clone();
+            let due = tokio::task::spawn_blocking(move || store.due(unix_ms(), BATCH)).await;
+            let due = match due {
+                Ok(Ok(due)) => due,
+                Ok(Err(e)) => {
+                    warn!(target: "wxgate::outbox", error = %e, "cannot read the outbox");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            };
+            if due.is_empty() {
+                tokio::time::sleep(self.cfg.poll).await;
+                continue;
+            }
+            let mut tasks = JoinSet::new();
+            for entry in due {
+                let (client, secrets, store, cfg) = (self.client.clone(), self.secrets.clone(), self.store.clone(), self.cfg);
+                tasks.spawn(async move { deliver(&client, &secrets, &store, cfg, entry).await });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+}
+
+async fn deliver(client: &Client, secrets: &HashMap<String, Secret>, store: &Store, cfg: OutboxConfig, entry: Due) {
+    let result = match secrets.get(&entry.account) {
+        Some(secret) => forward::call(client, &entry.url, secret, &entry.dedup_key, &entry.payload, DELIVERY_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string()),
+        None => Err(format!("account {:?} has no forward_secret any more", entry.account)),
+    };
+    let attempted = match result {
+        Ok(_) => {
+            debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, "delivered");
+            Attempted::Delivered
+        }
+        Err(error) => {
+            let attempts = entry.attempts as u32 + 1;
+            let dead = attempts >= cfg.max_attempts;
+            let backoff = cfg.backoff.saturating_mul(1 << (attempts - 1).min(20)).min(cfg.backoff_max);
+            warn!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, dead, error = %error, "background delivery failed");
+            Attempted::Failed { error, next_at_ms: unix_ms() + backoff.as_millis() as i64, dead }
+        }
+    };
+    if let Err(e) = store.attempted(entry.id, attempted).await {
+        warn!(target: "wxgate::outbox", error = %e, "outbox result not recorded; the entry will be tried again");
+    }
+}
+
+/// `wxgate outbox …`: list the background deliveries, and re-drive parked ones.
+#[derive(Debug, clap::Subcommand)]
+pub enum OutboxCommand {
+    /// List entries as JSON lines, oldest first.
+    List {
+        #[arg(long, default_value = "wxgate.toml")]
+        config: std::path::PathBuf,
+        /// Only entries in this state: pending, delivered or dead.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Make parked (dead) entries pending again, so the running server delivers them.
+    Redrive {
+        #[arg(long, default_value = "wxgate.toml")]
+        config: std::path::PathBuf,
+        /// The entry to re-drive.
+        #[arg(long, conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every dead entry.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Runs an outbox command, printing to `out`.
+pub fn run(cmd: OutboxCommand, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    match cmd {
+        OutboxCommand::List { config, state } => {
+            let config = Config::load(&config)?;
+            if let Some(s) = state.as_deref() {
+                anyhow::ensure!(["pending", "delivered", "dead"].contains(&s), "--state: use pending, delivered or dead, not {s:?}");
+            }
+            for row in crate::store::outbox_list(&config.data_dir, state.as_deref())? {
+                writeln!(out, "{}", serde_json::to_string(&row)?)?;
+            }
+            Ok(())
+        }
+        OutboxCommand::Redrive { config, id, all } => {
+            anyhow::ensure!(id.is_some() || all, "give --id N or --all");
+            let config = Config::load(&config)?;
+            let store = Store::open(&config.data_dir)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let n = rt.block_on(store.redrive(id))?;
+            store.close(Duration::from_secs(10));
+            writeln!(out, "{n} entr{} pending again", if n == 1 { "y is" } else { "ies are" })?;
+            Ok(())
+        }
+    }
+}
