@@ -51,7 +51,25 @@ pub struct Config {
     /// Most recently answered pushes kept in memory. Default 200,000.
     pub dedup_memory_entries: usize,
     pub outbox: OutboxConfig,
+    pub retention: Retention,
     pub accounts: Vec<Account>,
+}
+
+/// How long records are kept.
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    /// For kinds not named in `kinds`; `None` keeps them for good.
+    pub default: Option<Duration>,
+    /// Per kind (e.g. `location_report_event`, which arrives every 5 s per follower).
+    pub kinds: Vec<(String, Duration)>,
+    /// How often old records are purged.
+    pub interval: Duration,
+}
+
+impl Retention {
+    pub fn enabled(&self) -> bool {
+        self.default.is_some() || !self.kinds.is_empty()
+    }
 }
 
 /// A token, redacted from `Debug` output.
@@ -135,7 +153,18 @@ struct FileConfig {
     #[serde(default)]
     outbox: FileOutbox,
     #[serde(default)]
+    retention: FileRetention,
+    #[serde(default)]
     accounts: Vec<FileAccount>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRetention {
+    default_days: Option<f64>,
+    #[serde(default)]
+    kinds: std::collections::BTreeMap<String, f64>,
+    purge_interval_secs: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -225,10 +254,28 @@ impl Config {
             backoff_max: Duration::from_millis(o.backoff_max_ms.unwrap_or(300_000)),
             poll: Duration::from_millis(o.poll_ms.unwrap_or(200).max(1)),
         };
+        let days = |path: String, d: f64| {
+            if d.is_finite() && d > 0.0 {
+                Ok(Duration::from_secs_f64(d * 86_400.0))
+            } else {
+                Err(ConfigError::new(path, "must be a positive number of days (fractions allowed)"))
+            }
+        };
+        let r = file.retention;
+        let retention = Retention {
+            default: r.default_days.filter(|d| *d != 0.0).map(|d| days("retention.default_days".into(), d)).transpose()?,
+            kinds: r
+                .kinds
+                .into_iter()
+                .map(|(kind, d)| Ok((kind.clone(), days(format!("retention.kinds.{kind}"), d)?)))
+                .collect::<Result<_, ConfigError>>()?,
+            interval: Duration::from_secs_f64(r.purge_interval_secs.unwrap_or(3600.0).clamp(0.01, 86_400.0)),
+        };
         Ok(Config {
             listen,
             metrics_listen,
             outbox,
+            retention,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
             dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
             dedup_memory_entries,

@@ -53,6 +53,18 @@ impl AccountState {
             }
             Action::Forward { url, .. } => self.forward_in_time(push, doc, encrypted, &key, &url, started).await?,
         };
+        if let (Outcome::Handled, Kind::Event(Event::UserAuthorization { event, open_id, .. })) = (outcome, &push.kind) {
+            // The follower withdrew their data: delete what we hold of them.
+            if event.eq_ignore_ascii_case("user_authorization_revoke") && !open_id.is_empty() {
+                let (store, account, openid) = (self.store.clone(), self.account.name.clone(), open_id.clone());
+                tokio::spawn(async move {
+                    match store.forget(&account, &openid).await {
+                        Ok(n) => info!(account = %account, records = n, "follower's records deleted on authorization revoke"),
+                        Err(e) => warn!(account = %account, error = %e, "follower's records not deleted"),
+                    }
+                });
+            }
+        }
         Ok((outcome, answer, kind))
     }
 

@@ -111,8 +111,38 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
     }
     if tokio::runtime::Handle::try_current().is_ok() {
         outbox::spawn(config, store.clone(), client);
+        if config.retention.enabled() {
+            tokio::spawn(purge_old_records(store.clone(), config.retention.clone()));
+        }
     }
     Ok(App { router, store, metrics, dedup })
+}
+
+/// Deletes every record of one follower (`wxgate forget`); answers how many.
+pub fn forget(config: &Config, account: &str, openid: &str) -> anyhow::Result<usize> {
+    anyhow::ensure!(config.account(account).is_some(), "no account named {account:?} in the config");
+    let store = Store::open(&config.data_dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let n = rt.block_on(store.forget(account, openid))?;
+    store.close(Duration::from_secs(10));
+    Ok(n)
+}
+
+/// Deletes records past their retention, every `interval`.
+async fn purge_old_records(store: Store, retention: config::Retention) {
+    loop {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let cutoff = |keep: Duration| now.saturating_sub(keep).as_millis() as i64;
+        let mut cutoffs: Vec<(Option<String>, i64)> = retention.kinds.iter().map(|(k, d)| (Some(k.clone()), cutoff(*d))).collect();
+        // Without a default, the named kinds still count as "kinds with their own cutoff".
+        cutoffs.push((None, retention.default.map_or(0, cutoff)));
+        match store.purge(cutoffs).await {
+            Ok(0) => {}
+            Ok(n) => info!(records = n, "purged records past their retention"),
+            Err(e) => tracing::warn!(error = %e, "purge failed; will try again"),
+        }
+        tokio::time::sleep(retention.interval).await;
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then finishes the requests

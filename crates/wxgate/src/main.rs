@@ -42,6 +42,16 @@ enum Command {
         #[arg(long, default_value = "wxgate.toml")]
         config: PathBuf,
     },
+    /// Delete every record of one follower (their right to be forgotten).
+    Forget {
+        #[arg(long, default_value = "wxgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        account: String,
+        /// The follower's OpenID.
+        #[arg(long)]
+        openid: String,
+    },
     /// Background deliveries to the owner's service: list them, re-drive parked ones.
     Outbox {
         #[command(subcommand)]
@@ -71,6 +81,10 @@ fn main() -> ExitCode {
         }).map_err(anyhow::Error::from),
         Command::Events { config, account } => events(config, account),
         Command::Status { config } => status(config),
+        Command::Forget { config, account, openid } => Config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| wxgate::forget(&c, &account, &openid))
+            .map(|n| println!("{n} record{} of {openid} deleted", if n == 1 { "" } else { "s" })),
         Command::Outbox { command } => wxgate::outbox::run(command, &mut std::io::stdout().lock()),
     };
     match result {

@@ -157,6 +157,10 @@ enum Op {
     Probe(oneshot::Sender<Result<(), StoreError>>),
     /// Commit what is queued, then stop.
     Close,
+    /// Deletes records older than their kind's cutoff; answers how many.
+    Purge { cutoffs: Vec<(Option<String>, i64)>, done: oneshot::Sender<Result<usize, StoreError>> },
+    /// Deletes every record of one follower; answers how many.
+    Forget { account: String, openid: String, done: oneshot::Sender<Result<usize, StoreError>> },
 }
 
 /// Handle to the store; cheap to clone.
@@ -296,6 +300,22 @@ impl Store {
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Deletes records received before a cutoff (Unix ms): each `(Some(kind), cutoff)`
+    /// for that kind, `(None, cutoff)` for every kind not named. Delivered and dead
+    /// outbox entries go with their pushes. Answers how many records went.
+    pub async fn purge(&self, cutoffs: Vec<(Option<String>, i64)>) -> Result<usize, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Op::Purge { cutoffs, done }).await.map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Deletes every record and outbox entry of one follower of an account.
+    pub async fn forget(&self, account: &str, openid: &str) -> Result<usize, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Op::Forget { account: account.to_owned(), openid: openid.to_owned(), done }).await.map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Outbox entries due now: for each follower only the oldest pending one, so that a
     /// follower's pushes are delivered in order.
     pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
@@ -405,7 +425,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
                 Op::Probe(done) | Op::Update(_, done) | Op::Attempted { done, .. } => {
                     let _ = done.send(outcome.clone());
                 }
-                Op::Redrive { done, .. } => {
+                Op::Redrive { done, .. } | Op::Purge { done, .. } | Op::Forget { done, .. } => {
                     let n = if let Some(OpResult::Count(n)) = result { n } else { 0 };
                     let _ = done.send(outcome.clone().map(|()| n));
                 }
@@ -541,6 +561,44 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult
                         )
                         .and_then(|mut q| q.execute(params![id]))
                         .map_err(werr)?;
+                    results.push(Some(OpResult::Count(n)));
+                }
+                Op::Purge { cutoffs, .. } => {
+                    let named: Vec<&str> = cutoffs.iter().filter_map(|(k, _)| k.as_deref()).collect();
+                    let mut n = 0;
+                    for (kind, cutoff) in cutoffs {
+                        n += match kind {
+                            Some(kind) => tx
+                                .execute("DELETE FROM pushes WHERE kind = ?1 AND received_at < ?2", params![kind, cutoff])
+                                .map_err(werr)?,
+                            None => {
+                                // Every kind without a cutoff of its own.
+                                let list = serde_json::to_string(&named).unwrap_or_else(|_| "[]".into());
+                                tx.execute(
+                                    "DELETE FROM pushes WHERE received_at < ?1 AND kind NOT IN (SELECT value FROM json_each(?2))",
+                                    params![cutoff, list],
+                                )
+                                .map_err(werr)?
+                            }
+                        };
+                    }
+                    tx.execute(
+                        "DELETE FROM outbox WHERE state != 'pending'
+                           AND NOT EXISTS (SELECT 1 FROM pushes p WHERE p.account = outbox.account AND p.dedup_key = outbox.dedup_key)",
+                        [],
+                    )
+                    .map_err(werr)?;
+                    results.push(Some(OpResult::Count(n)));
+                }
+                Op::Forget { account, openid, .. } => {
+                    // The revoke event itself stays, as the record of the request.
+                    let n = tx
+                        .execute(
+                            "DELETE FROM pushes WHERE account = ?1 AND from_user = ?2 AND kind != 'user_authorization_event'",
+                            params![account, openid],
+                        )
+                        .map_err(werr)?;
+                    tx.execute("DELETE FROM outbox WHERE account = ?1 AND follower = ?2", params![account, openid]).map_err(werr)?;
                     results.push(Some(OpResult::Count(n)));
                 }
                 Op::Retry { account, dedup_key } => {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use wxgate::sim::delivery::{Rules, deliver};
 use wxgate::sim::{self, Http, Mode, compose};
+use serde_json::Value;
 use wxgate_protocol::EncodingAesKey;
 
 use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, account_toml};
@@ -119,4 +120,53 @@ async fn a_store_outage_is_refused_logged_once_and_recovered_from() {
     assert!(wait_log(&server, "store recovered", &mut lines).is_some(), "{lines:?}");
     let outages = lines.iter().filter(|l| l.contains("store cannot write")).count();
     assert_eq!(outages, 1, "one error line per outage: {lines:#?}");
+}
+
+#[tokio::test]
+async fn records_past_their_retention_are_purged_per_kind() {
+    // 0.00001 days is under a second.
+    let cfg = format!(
+        "[retention]\npurge_interval_secs = 0.05\nkinds = {{ location_report_event = 0.00001 }}\n{}",
+        account_toml("/wx", ECHO)
+    );
+    let server = Server::start(&cfg);
+    let report = compose::event(GH, USER, 1_733_306_000, "LOCATION", &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "3")]);
+    let text = compose::text(GH, USER, 1_733_306_001, "keep me", 606);
+    for push in [&report, &text] {
+        deliver(&wechat(), &server.url("/wx"), push, Mode::Plain, Rules::default()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.records().len() != 1 {
+        assert!(Instant::now() < deadline, "the location report was not purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.records()[0]["Content"], "keep me");
+}
+
+#[tokio::test]
+async fn a_follower_is_forgotten_on_revoke_and_on_request() {
+    let server = Server::start(&account_toml("/wx", ECHO));
+    let other = "oOtherFollower00000000000002";
+    for (i, who) in [USER, other].into_iter().enumerate() {
+        let push = compose::text(GH, who, 1_733_307_000 + i as u64, "mine", 700 + i as u64);
+        deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
+    }
+    let revoke = compose::event(GH, USER, 1_733_307_010, "user_authorization_revoke", &[("OpenID", USER), ("AppID", APP_ID), ("RevokeInfo", "301")]);
+    deliver(&wechat(), &server.url("/wx"), &revoke, Mode::Plain, Rules::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.records().iter().any(|r| r["FromUserName"] == USER && r["kind"] == "text_message") {
+        assert!(Instant::now() < deadline, "the follower's records were not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kinds: Vec<Value> = server.records().iter().map(|r| r["kind"].clone()).collect();
+    assert_eq!(kinds, ["text_message", "user_authorization_event"], "the other follower and the revoke itself stay");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(["forget", "--account", "test", "--openid", other, "--config"])
+        .arg(&server.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("1 record of {other} deleted"));
+    assert_eq!(server.records().len(), 1);
 }
