@@ -46,10 +46,15 @@ impl Server {
 
     /// Starts the binary on an existing config file inside `dir`.
     pub fn start_at(dir: tempfile::TempDir, config: PathBuf) -> Server {
+        Server::start_on(dir, config, 0)
+    }
+
+    /// The same on a given port (0 picks a free one).
+    pub fn start_on(dir: tempfile::TempDir, config: PathBuf, port: u16) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wxgate"))
             .args(["serve", "--config"])
             .arg(&config)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
