@@ -1,10 +1,10 @@
 //! The `wxgate` command: serve accounts, check a config, print recorded pushes.
 
 use std::io::Write;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wxgate::Config;
@@ -22,9 +22,10 @@ enum Command {
     Serve {
         #[arg(long, default_value = "wxgate.toml")]
         config: PathBuf,
-        /// Overrides the file's `listen`; `127.0.0.1:0` picks a free port.
+        /// HOST:PORT (an IP or a host name such as localhost); overrides the file's
+        /// `listen`; `127.0.0.1:0` picks a free port.
         #[arg(long)]
-        listen: Option<SocketAddr>,
+        listen: Option<String>,
     },
     /// Check a config file and name the first field that is wrong.
     CheckConfig {
@@ -33,6 +34,9 @@ enum Command {
     },
     /// Play WeChat's side: pushes, retries, strict reply checks, scenarios, load, and a
     /// mock of the WeChat HTTP API.
+    #[command(after_help = "Exit codes: 0 all well; 1 bad input or an operational error; 2 a usage error; \
+                            3 a follower would see \"该公众号暂时无法提供服务\" (push, journey, replay, load); \
+                            4 a scenario step was not as expected.")]
     Sim {
         #[command(subcommand)]
         command: wxgate::sim::cli::SimCommand,
@@ -67,28 +71,34 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Usage errors exit with 2 (clap's own code).
     let cli = Cli::parse();
+    // Commands that print to stdout end quietly when its reader goes away.
+    let prints = !matches!(cli.command, Command::Serve { .. });
     let result = match cli.command {
-        Command::Sim { command } => {
-            return wxgate::sim::cli::run(command).unwrap_or_else(|e| {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            });
-        }
-        Command::Serve { config, listen } => serve(config, listen),
-        Command::CheckConfig { config } => Config::load(&config).map(|c| {
-            println!("{}: ok ({} account{})", config.display(), c.accounts.len(), if c.accounts.len() == 1 { "" } else { "s" });
-        }).map_err(anyhow::Error::from),
-        Command::Events { config, account } => events(config, account),
-        Command::Status { config } => status(config),
-        Command::Forget { config, account, openid } => Config::load(&config)
-            .map_err(anyhow::Error::from)
+        Command::Sim { command } => wxgate::sim::cli::run(command),
+        Command::Serve { config, listen } => serve(config, listen).map(|()| ExitCode::SUCCESS),
+        Command::CheckConfig { config } => load_config(&config)
+            .and_then(|c| {
+                let n = c.accounts.len();
+                writeln!(std::io::stdout(), "{}: ok ({n} account{})", config.display(), if n == 1 { "" } else { "s" })?;
+                Ok(())
+            })
+            .map(|()| ExitCode::SUCCESS),
+        Command::Events { config, account } => events(config, account).map(|()| ExitCode::SUCCESS),
+        Command::Status { config } => status(config).map(|()| ExitCode::SUCCESS),
+        Command::Forget { config, account, openid } => load_config(&config)
             .and_then(|c| wxgate::forget(&c, &account, &openid))
-            .map(|n| println!("{n} record{} of {openid} deleted", if n == 1 { "" } else { "s" })),
-        Command::Outbox { command } => wxgate::outbox::run(command, &mut std::io::stdout().lock()),
+            .and_then(|n| {
+                writeln!(std::io::stdout(), "{n} record{} of {openid} deleted", if n == 1 { "" } else { "s" })?;
+                Ok(ExitCode::SUCCESS)
+            }),
+        Command::Outbox { command } => wxgate::outbox::run(command, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
+        // The reader went away (`wxgate events | head -1`): a normal end.
+        Err(e) if prints && broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -96,23 +106,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+/// Whether an error is a write to a closed pipe.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// Loads a config file; errors name the file (`wxgate.toml: accounts[0].token: ...`).
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| {
+        let file = path.display().to_string();
+        // A file that cannot be read is already named.
+        if e.path == file { anyhow!("{e}") } else { anyhow!("{file}: {e}") }
+    })
+}
+
+fn serve(config: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = Config::load(&config)?;
+    let config = load_config(&config)?;
+    let (addrs, shown) = match &listen {
+        Some(l) => (wxgate::sim::cli::resolve("--listen", l)?, l.clone()),
+        None => (vec![config.listen], config.listen.to_string()),
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let app = wxgate::build(&config)?;
         if let Some(addr) = config.metrics_listen {
-            let metrics = tokio::net::TcpListener::bind(addr).await?;
+            let metrics = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
             tracing::info!("metrics on http://{}/metrics", metrics.local_addr()?);
             let router = app.metrics_router();
             tokio::spawn(async move { axum::serve(metrics, router).await });
         }
-        let listener = tokio::net::TcpListener::bind(listen.unwrap_or(config.listen)).await?;
+        let listener = tokio::net::TcpListener::bind(&addrs[..]).await.with_context(|| format!("cannot listen on {shown}"))?;
         wxgate::serve(listener, app.router, shutdown_signal()).await?;
         // Requests in flight have been answered; let the store commit what is queued.
         let flushed = tokio::task::spawn_blocking(move || app.store.close(std::time::Duration::from_secs(10))).await?;
@@ -136,14 +164,14 @@ async fn shutdown_signal() {
 }
 
 fn status(config: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&config)?;
+    let config = load_config(&config)?;
     let text = tokio::runtime::Runtime::new()?.block_on(wxgate::status::report(&config))?;
-    print!("{text}");
+    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 
 fn events(config: PathBuf, account: Option<String>) -> anyhow::Result<()> {
-    let config = Config::load(&config)?;
+    let config = load_config(&config)?;
     if let Some(name) = &account {
         anyhow::ensure!(config.account(name).is_some(), "no account named {name:?} in the config");
     }
@@ -152,6 +180,7 @@ fn events(config: PathBuf, account: Option<String>) -> anyhow::Result<()> {
     for row in &rows {
         writeln!(out, "{}", wxgate::events::to_json(row))?;
     }
+    out.flush()?;
     Ok(())
 }
 

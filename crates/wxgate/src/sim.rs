@@ -306,16 +306,42 @@ impl Http {
             .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
             .map_err(|e| e.to_string())?;
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| format!("request failed: {e}"))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    // The cause is in the chain: "tcp connect error: Connection refused (os error 111)".
+                    format!("cannot connect: {}", error_chain(std::error::Error::source(&e).unwrap_or(&e as &(dyn std::error::Error + 'static))))
+                } else {
+                    format!("request failed: {}", error_chain(&e))
+                }
+            })?;
             let status = resp.status().as_u16();
-            let bytes = resp.into_body().collect().await.map_err(|e| format!("reading answer: {e}"))?.to_bytes();
+            let bytes = resp.into_body().collect().await.map_err(|e| format!("reading answer: {}", error_chain(&e)))?.to_bytes();
             Ok(Answer { status, body: String::from_utf8_lossy(&bytes).into_owned() })
         };
         tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
     }
 
-    /// POSTs a delivery to `url` (the account's URL without a query).
+    /// POSTs a delivery to `url` (the account's URL; a query of its own is kept).
     pub async fn post(&self, url: &str, d: &Delivery) -> Result<Answer, String> {
-        self.send("POST", &format!("{url}?{}", d.query), Some(&d.body)).await
+        let join = if url.contains('?') { '&' } else { '?' };
+        self.send("POST", &format!("{url}{join}{}", d.query), Some(&d.body)).await
     }
+}
+
+/// An error and every `source()` below it, as one line: `a: b: c`. A message already
+/// contained in the one above it is left out.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !msg.is_empty() && !last.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        last = msg;
+        cur = c.source();
+    }
+    out
 }

@@ -68,10 +68,14 @@ pub async fn deliver_with(http: &Http, account: &Account, url: &str, inner: &str
             break;
         }
     }
+    let all = match attempts.len() {
+        1 => "on the only delivery".to_owned(),
+        n => format!("on all {n} deliveries"),
+    };
     let seen = match attempts.last().map(|a| &a.result) {
         Some(Ok((200, body))) => account.judge(inner, mode, 200, body),
-        Some(Ok((status, _))) => Seen::ServiceError(format!("HTTP {status} on all {} deliveries", attempts.len())),
-        Some(Err(e)) => Seen::ServiceError(format!("{e} on all {} deliveries", attempts.len())),
+        Some(Ok((status, _))) => Seen::ServiceError(format!("HTTP {status} {all}")),
+        Some(Err(e)) => Seen::ServiceError(format!("{e} {all}")),
         None => Seen::ServiceError("not delivered".into()),
     };
     Report { attempts, seen }

@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use super::delivery::{Rules, deliver_with};
 use super::kinds::Kind;
-use super::scenario::made_up_openid;
+use super::scenario::{fresh_openid, random_msg_id};
 use super::{Account, Http, Mode, Seen};
 
 /// What to send.
@@ -54,8 +54,19 @@ pub struct Summary {
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
-    /// A few error reasons, for the report.
-    pub error_samples: Vec<String>,
+    /// Each distinct error reason (the first few) and how many pushes ended in it.
+    pub error_samples: Vec<(String, u64)>,
+}
+
+/// How many distinct error reasons are counted one by one; errors with any further
+/// reason count only in the total.
+const DISTINCT_REASONS: usize = 10;
+
+impl Options {
+    /// Pushes the run sends: rate × duration, rounded, at least one.
+    pub fn total(&self) -> u64 {
+        ((self.rate * self.duration.as_secs_f64()).round() as u64).max(1)
+    }
 }
 
 impl Summary {
@@ -64,7 +75,8 @@ impl Summary {
     }
 }
 
-/// Runs the load; `tick` is called about twice a second with the counters.
+/// Runs the load: push k leaves at k / rate seconds, [`Options::total`] pushes in all;
+/// `tick` is called about twice a second with the counters.
 pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut tick: impl FnMut(&Progress, Duration)) -> Summary {
     let http = Http::new(opts.rules.deadline);
     let progress = Arc::new(Progress::default());
@@ -73,15 +85,17 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
     let samples = Arc::new(Mutex::new(Vec::new()));
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let base = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let followers: Vec<String> = (0..opts.followers.max(1)).map(|i| made_up_openid(&format!("load{i}"))).collect();
+    // Fresh followers each run, so that two runs never look like retries of each other.
+    let followers: Vec<String> = (0..opts.followers.max(1)).map(|i| fresh_openid(&format!("load{i}"))).collect();
+    let total = opts.total();
 
     let started = Instant::now();
     let mut next_tick = started;
     let mut n: u64 = 0;
     let mut tasks = tokio::task::JoinSet::new();
-    while started.elapsed() < opts.duration {
-        // Send what the target rate asks for by now.
-        let due = (started.elapsed().as_secs_f64() * opts.rate) as u64;
+    while n < total {
+        // Send what the target rate asks for by now: push k is due at k / rate.
+        let due = ((started.elapsed().as_secs_f64() * opts.rate) as u64).saturating_add(1).min(total);
         while n < due {
             let permit = permits.clone().acquire_owned().await.expect("semaphore open");
             let follower = &followers[(n % followers.len() as u64) as usize];
@@ -92,7 +106,7 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
                 _ => Kind::LocationReport { lat: "23.137466".into(), lng: "113.352425".into(), precision: "65.0".into() },
             };
             // One CreateTime per follower and round keeps every event distinct.
-            let inner = kind.to_xml(&account.original_id, follower, base + round, 1_000_000_000 + n);
+            let inner = kind.to_xml(&account.original_id, follower, base + round, random_msg_id());
             let retry = opts.retry_ratio > 0.0 && ((n as f64 * opts.retry_ratio).fract() + opts.retry_ratio >= 1.0);
             let (http, account, url, rules) = (http.clone(), account.clone(), url.to_owned(), opts.rules);
             let (progress, latencies, redelivered, samples) = (progress.clone(), latencies.clone(), redelivered.clone(), samples.clone());
@@ -146,15 +160,17 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
     }
 }
 
-async fn count(p: &Progress, seen: &Seen, samples: &Mutex<Vec<String>>) {
+async fn count(p: &Progress, seen: &Seen, samples: &Mutex<Vec<(String, u64)>>) {
     p.pushes.fetch_add(1, Ordering::Relaxed);
     match seen {
         Seen::Reply { .. } => p.replies.fetch_add(1, Ordering::Relaxed),
         Seen::Nothing => p.nothing.fetch_add(1, Ordering::Relaxed),
         Seen::ServiceError(reason) => {
             let mut s = samples.lock().await;
-            if s.len() < 5 {
-                s.push(reason.clone());
+            if let Some(i) = s.iter().position(|(r, _)| r == reason) {
+                s[i].1 += 1;
+            } else if s.len() < DISTINCT_REASONS {
+                s.push((reason.clone(), 1));
             }
             p.errors.fetch_add(1, Ordering::Relaxed)
         }

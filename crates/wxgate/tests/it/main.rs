@@ -4,6 +4,7 @@
 mod api;
 mod bad_input;
 mod cases;
+mod cli;
 mod crash;
 mod demo;
 mod forward;
