@@ -94,6 +94,12 @@ impl EncodingAesKey {
     /// Decrypts an `Encrypt` value and returns the message and the trailing id, without
     /// judging the id (see [`EncodingAesKey::open`]).
     pub fn decrypt(&self, encrypt: &str) -> Result<(String, Vec<u8>), CryptoError> {
+        let (msg, trailer) = self.decrypt_bytes(encrypt)?;
+        Ok((String::from_utf8(msg).map_err(|_| CryptoError::Utf8)?, trailer))
+    }
+
+    /// Decrypts to the message's bytes (not yet checked as UTF-8) and the trailing id.
+    pub fn decrypt_bytes(&self, encrypt: &str) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
         let mut buf = general_purpose::STANDARD.decode(encrypt.trim()).map_err(|_| CryptoError::Base64)?;
         if buf.is_empty() || buf.len() % 16 != 0 {
             return Err(CryptoError::BlockLength(buf.len()));
@@ -123,8 +129,17 @@ impl EncodingAesKey {
         let trailer = buf[HEADER + len..].to_vec();
         buf.truncate(HEADER + len);
         buf.drain(..HEADER);
-        let msg = String::from_utf8(buf).map_err(|_| CryptoError::Utf8)?;
-        Ok((msg, trailer))
+        Ok((buf, trailer))
+    }
+
+    /// Like [`EncodingAesKey::open`], but leaves judging the message's UTF-8 to the caller
+    /// (an authentic envelope whose content is not text is still authentic).
+    pub fn open_bytes(&self, encrypt: &str, app_id: &str) -> Result<Vec<u8>, CryptoError> {
+        let (msg, trailer) = self.decrypt_bytes(encrypt)?;
+        if trailer != app_id.as_bytes() {
+            return Err(CryptoError::AppIdMismatch);
+        }
+        Ok(msg)
     }
 
     /// Decrypts an `Encrypt` value whose trailing id must be `app_id` exactly.

@@ -19,6 +19,8 @@ pub enum PushError {
     Root(String),
     #[error("required field {0} is missing or empty")]
     Missing(&'static str),
+    #[error("decrypted message is not utf-8")]
+    NotUtf8,
 }
 
 /// A numeric field as WeChat sent it (with or without CDATA). Parsing never fails the
@@ -230,20 +232,28 @@ impl Push {
     ///   in the same second and for LOCATION bursts, so `Event`, `EventKey` and a digest
     ///   of every other field (coordinates, job ids, card codes …) are added. A retry
     ///   carries the same document, so the digest is the same.
+    ///
+    /// Parts are joined with `:` and escaped (`%` as `%25`, `:` as `%3A`), so that no two
+    /// different pushes can spell the same key.
     pub fn dedup_key(&self) -> String {
+        let e = escape_part;
         match (&self.kind, &self.msg_id) {
-            (Kind::Message(_), Some(id)) => format!("msg:{}:{}", self.from, id),
+            (Kind::Message(_), Some(id)) => format!("msg:{}:{}", e(&self.from), e(id)),
             _ => format!(
                 "{}:{}:{}:{}:{}:{}",
                 if matches!(self.kind, Kind::Event(_)) { "evt" } else { "doc" },
-                self.from,
-                self.create_time.raw(),
-                self.fields.text_of("Event").unwrap_or_default(),
-                self.event_key().unwrap_or_default(),
+                e(&self.from),
+                e(self.create_time.raw()),
+                e(self.fields.text_of("Event").unwrap_or_default()),
+                e(self.event_key().unwrap_or_default()),
                 digest(&self.fields),
             ),
         }
     }
+}
+
+fn escape_part(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([':', '%']) { s.replace('%', "%25").replace(':', "%3A").into() } else { s.into() }
 }
 
 /// A short digest over every element name and text of a document, in order.

@@ -25,8 +25,9 @@ const MAX_ELEMENTS: usize = 20_000;
 pub enum XmlError {
     #[error("document type declarations are not accepted (no entities are ever expanded)")]
     Doctype,
-    #[error("unknown entity reference &{0};")]
-    UnknownEntity(String),
+    /// The name is not kept: it is request data, and errors reach logs.
+    #[error("undeclared entity reference (only &amp; &lt; &gt; &quot; &apos; and character references exist)")]
+    UnknownEntity,
     #[error("not well-formed xml: {0}")]
     Malformed(String),
     #[error("no root element")]
@@ -138,7 +139,7 @@ fn parse_with(doc: &str, strict: bool) -> Result<Element, XmlError> {
                 }
                 match stack.last_mut() {
                     Some(b) => b.text(&text),
-                    None if text.trim().is_empty() => {}
+                    None if is_xml_space(&text) => {}
                     None => return Err(XmlError::Malformed("text outside the root element".into())),
                 }
             }
@@ -147,7 +148,7 @@ fn parse_with(doc: &str, strict: bool) -> Result<Element, XmlError> {
                     Ok(Some(ch)) => ch.to_string(),
                     Ok(None) => {
                         let name = r.xml10_content();
-                        predefined(&name).ok_or_else(|| XmlError::UnknownEntity(name.into_owned()))?.to_owned()
+                        predefined(&name).ok_or(XmlError::UnknownEntity)?.to_owned()
                     }
                     Err(e) => return Err(XmlError::Malformed(e.to_string())),
                 };
@@ -223,14 +224,14 @@ impl Builder {
         let text = if self.has_cdata {
             let mut out = String::new();
             for (is_cdata, piece) in &self.pieces {
-                if *is_cdata || !piece.trim().is_empty() {
+                if *is_cdata || !is_xml_space(piece) {
                     out.push_str(piece);
                 }
             }
             out
         } else {
             let joined: String = self.pieces.iter().map(|(_, p)| p.as_str()).collect();
-            match joined.trim() {
+            match joined.trim_matches(XML_SPACE) {
                 t if t.len() == joined.len() => joined,
                 t => t.to_owned(),
             }
@@ -239,22 +240,33 @@ impl Builder {
     }
 }
 
+/// XML's whitespace: the only characters trimmed around text (a U+3000 ideographic
+/// space or a no-break space is data).
+const XML_SPACE: &[char] = &[' ', '\t', '\n', '\r'];
+
+fn is_xml_space(s: &str) -> bool {
+    s.chars().all(|c| XML_SPACE.contains(&c))
+}
+
 /// Whether XML 1.0 allows this character in a document.
 pub fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
-/// Appends `s` as one or more CDATA sections: a `]]>` inside the value is split as
-/// `]]]]><![CDATA[>` and characters XML 1.0 forbids are dropped (protocol.md §8.3).
+/// Appends `s` as one or more CDATA sections (protocol.md §8.3). Characters XML 1.0
+/// forbids are dropped first, so that none can hide a `]]>` (as in `]]\u{1}>`); then
+/// each `]]>` is split as `]]]]><![CDATA[>`.
 pub fn push_cdata(out: &mut String, s: &str) {
+    let clean: std::borrow::Cow<'_, str> =
+        if s.chars().all(is_xml_char) { s.into() } else { s.chars().filter(|&c| is_xml_char(c)).collect::<String>().into() };
     out.push_str("<![CDATA[");
-    let mut rest = s;
+    let mut rest = &*clean;
     while let Some(at) = rest.find("]]>") {
-        push_xml_chars(out, &rest[..at + 2]);
+        out.push_str(&rest[..at + 2]);
         out.push_str("]]><![CDATA[");
         rest = &rest[at + 2..];
     }
-    push_xml_chars(out, rest);
+    out.push_str(rest);
     out.push_str("]]>");
 }
 
@@ -268,14 +280,6 @@ pub fn push_escaped(out: &mut String, s: &str) {
             c if is_xml_char(c) => out.push(c),
             _ => {}
         }
-    }
-}
-
-fn push_xml_chars(out: &mut String, s: &str) {
-    if s.chars().all(is_xml_char) {
-        out.push_str(s);
-    } else {
-        out.extend(s.chars().filter(|&c| is_xml_char(c)));
     }
 }
 
@@ -322,7 +326,7 @@ mod tests {
     fn doctype_and_unknown_entities_are_refused() {
         let bomb = r#"<!DOCTYPE xml [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;">]><xml><C>&b;</C></xml>"#;
         assert_eq!(parse(bomb), Err(XmlError::Doctype));
-        assert!(matches!(parse("<xml><C>&xxe;</C></xml>"), Err(XmlError::UnknownEntity(_))));
+        assert!(matches!(parse("<xml><C>&xxe;</C></xml>"), Err(XmlError::UnknownEntity)));
     }
 
     #[test]
@@ -359,5 +363,22 @@ mod tests {
         assert_eq!(out, "<![CDATA[a]]]]><![CDATA[>bc]]]]><![CDATA[>]]>");
         let back = parse(&format!("<x>{out}</x>")).unwrap();
         assert_eq!(back.text, "a]]>bc]]>");
+    }
+
+    #[test]
+    fn a_forbidden_character_cannot_hide_a_cdata_end() {
+        for hostile in ["a]]\u{1}>b", "]]\u{1d}>", "x]\u{2}]>y", "]\u{0}]\u{0}>"] {
+            let mut out = String::new();
+            push_cdata(&mut out, hostile);
+            let back = parse_strict(&format!("<x>{out}</x>")).unwrap_or_else(|e| panic!("{hostile:?} -> {out}: {e}"));
+            assert_eq!(back.text, hostile.chars().filter(|&c| is_xml_char(c)).collect::<String>());
+        }
+    }
+
+    #[test]
+    fn only_xml_whitespace_is_trimmed() {
+        let el = parse("<xml><C>\u{3000}hi\u{a0}</C><D> \t\r\nx\n</D></xml>").unwrap();
+        assert_eq!(el.child("C").unwrap().text, "\u{3000}hi\u{a0}");
+        assert_eq!(el.child("D").unwrap().text, "x");
     }
 }

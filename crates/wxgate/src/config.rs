@@ -52,7 +52,20 @@ pub struct Config {
     pub dedup_memory_entries: usize,
     pub outbox: OutboxConfig,
     pub retention: Retention,
+    pub http: HttpConfig,
     pub accounts: Vec<Account>,
+}
+
+/// Limits of the HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpConfig {
+    /// A request's headers must arrive within this, also on an idle keep-alive
+    /// connection. Default 10 s.
+    pub header_timeout: Duration,
+    /// How long a shutdown waits for requests in flight. Default 10 s.
+    pub drain: Duration,
+    /// Most connections at once. Default 4096.
+    pub max_connections: usize,
 }
 
 /// How long records are kept.
@@ -155,7 +168,17 @@ struct FileConfig {
     #[serde(default)]
     retention: FileRetention,
     #[serde(default)]
+    http: FileHttp,
+    #[serde(default)]
     accounts: Vec<FileAccount>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    header_timeout_ms: Option<u64>,
+    drain_ms: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -271,11 +294,18 @@ impl Config {
                 .collect::<Result<_, ConfigError>>()?,
             interval: Duration::from_secs_f64(r.purge_interval_secs.unwrap_or(3600.0).clamp(0.01, 86_400.0)),
         };
+        let h = file.http;
+        let http = HttpConfig {
+            header_timeout: Duration::from_millis(h.header_timeout_ms.unwrap_or(10_000).max(1)),
+            drain: Duration::from_millis(h.drain_ms.unwrap_or(10_000)),
+            max_connections: h.max_connections.unwrap_or(4096).max(1),
+        };
         Ok(Config {
             listen,
             metrics_listen,
             outbox,
             retention,
+            http,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
             dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
             dedup_memory_entries,

@@ -57,6 +57,8 @@ pub struct AccountState {
 pub enum Rejection {
     #[error("missing query parameter {0}")]
     MissingParam(&'static str),
+    #[error("query parameter {0} is not valid utf-8")]
+    MalformedParam(&'static str),
     #[error("signature does not match")]
     BadSignature,
     #[error("timestamp outside the {0} s window")]
@@ -97,6 +99,7 @@ impl Rejection {
         use Rejection::*;
         match self {
             MissingParam(_) => "missing_param",
+            MalformedParam(_) => "malformed_param",
             BadSignature => "bad_signature",
             StaleTimestamp(_) => "stale_timestamp",
             PlaintextRefused => "plaintext_refused",
@@ -107,7 +110,7 @@ impl Rejection {
             SlowBody => "slow_body",
             BodyRead(_) => "body_read",
             NotUtf8 => "not_utf8",
-            Xml(XmlError::Doctype | XmlError::UnknownEntity(_)) => "doctype_or_entity",
+            Xml(XmlError::Doctype | XmlError::UnknownEntity) => "doctype_or_entity",
             Xml(_) => "not_xml",
             MissingEncrypt => "missing_encrypt",
             Crypto(CryptoError::AppIdMismatch) => "app_id_mismatch",
@@ -121,7 +124,7 @@ impl Rejection {
     fn status(&self) -> StatusCode {
         use Rejection::*;
         match self {
-            MissingParam(_) | BadSignature | StaleTimestamp(_) | PlaintextRefused | BadMsgSignature => {
+            MissingParam(_) | MalformedParam(_) | BadSignature | StaleTimestamp(_) | PlaintextRefused | BadMsgSignature => {
                 StatusCode::FORBIDDEN
             }
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -134,10 +137,20 @@ impl Rejection {
     }
 }
 
+/// A reason fit for a log line or an answer: printable, one line, short. Parser messages
+/// can quote pieces of the request.
+fn printable(reason: &str) -> String {
+    let mut out: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
+    if reason.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}
+
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut body = self.to_string();
+        let mut body = printable(&self.to_string());
         body.push('\n');
         (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
     }
@@ -151,16 +164,19 @@ fn refuse(state: &AccountState, method: &str, e: Rejection) -> Response {
     let status = e.status().as_u16();
     if status >= 500 {
         // The outage itself is logged once by the store; each refused push quietly.
-        debug!(target: "wxgate::store", account, method, status, reason = %e, "push not acknowledged");
+        debug!(target: "wxgate::store", account, method, status, reason = %printable(&e.to_string()), "push not acknowledged");
     } else {
-        warn!(target: "wxgate::rejected", account, method, status, reason = %e, "request refused");
+        warn!(target: "wxgate::rejected", account, method, status, reason = %printable(&e.to_string()), "request refused");
     }
     e.into_response()
 }
 
-/// The query parameters WeChat signs, percent-decoded (a `+` stays a `+`).
+/// The query parameters WeChat signs, percent-decoded (a `+` stays a `+`). A value that
+/// does not decode to UTF-8 is dropped (and named in `malformed`): signatures are
+/// checked over exact values, never over replacement characters.
 #[derive(Default)]
 struct Query {
+    malformed: Option<&'static str>,
     signature: Option<String>,
     timestamp: Option<String>,
     nonce: Option<String>,
@@ -174,24 +190,29 @@ impl Query {
         let mut q = Query::default();
         for pair in query.unwrap_or_default().split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let slot = match name {
-                "signature" => &mut q.signature,
-                "timestamp" => &mut q.timestamp,
-                "nonce" => &mut q.nonce,
-                "echostr" => &mut q.echostr,
-                "encrypt_type" => &mut q.encrypt_type,
-                "msg_signature" => &mut q.msg_signature,
+            let (slot, name) = match name {
+                "signature" => (&mut q.signature, "signature"),
+                "timestamp" => (&mut q.timestamp, "timestamp"),
+                "nonce" => (&mut q.nonce, "nonce"),
+                "echostr" => (&mut q.echostr, "echostr"),
+                "encrypt_type" => (&mut q.encrypt_type, "encrypt_type"),
+                "msg_signature" => (&mut q.msg_signature, "msg_signature"),
                 _ => continue,
             };
             if slot.is_none() {
-                *slot = Some(percent_decode(value));
+                match percent_decode(value) {
+                    Some(v) => *slot = Some(v),
+                    None => {
+                        q.malformed.get_or_insert(name);
+                    }
+                }
             }
         }
         q
     }
 }
 
-fn percent_decode(s: &str) -> String {
+fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -208,7 +229,7 @@ fn percent_decode(s: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).ok()
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -305,6 +326,9 @@ impl AccountState {
 
     /// Checks the URL signature and the timestamp window; returns the token that matched.
     fn check_signature(&self, q: &Query) -> Result<usize, Rejection> {
+        if let Some(name) = q.malformed {
+            return Err(Rejection::MalformedParam(name));
+        }
         let sig = q.signature.as_deref().ok_or(Rejection::MissingParam("signature"))?;
         let ts = q.timestamp.as_deref().ok_or(Rejection::MissingParam("timestamp"))?;
         let nonce = q.nonce.as_deref().ok_or(Rejection::MissingParam("nonce"))?;
@@ -363,6 +387,14 @@ impl AccountState {
         } else {
             (None, Credentials { token, key: None })
         };
+        // An authentic envelope around bytes that are not text: kept, as a dead letter.
+        let (inner, not_utf8) = match inner {
+            Some(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => (Some(text), false),
+                Err(e) => (Some(String::from_utf8_lossy(e.as_bytes()).into_owned()), true),
+            },
+            None => (None, false),
+        };
 
         // Type the push. Inside a verified envelope a document we cannot understand is
         // still authentic: it is kept as a dead letter and answered `success`. A DTD or
@@ -373,7 +405,8 @@ impl AccountState {
             None => Ok(outer),
         };
         let parsed = match parsed {
-            Err(e @ (XmlError::Doctype | XmlError::UnknownEntity(_))) => return Err(e.into()),
+            _ if not_utf8 => Err(PushError::NotUtf8),
+            Err(e @ (XmlError::Doctype | XmlError::UnknownEntity)) => return Err(e.into()),
             Err(e) => Err(PushError::Xml(e)),
             Ok(root) => Push::from_element(root),
         };
@@ -397,10 +430,10 @@ impl AccountState {
     }
 
     /// Tries the current key, then the previous one during a rotation.
-    fn decrypt(&self, encrypt: &str) -> Result<(String, usize), Rejection> {
+    fn decrypt(&self, encrypt: &str) -> Result<(Vec<u8>, usize), Rejection> {
         let mut first_err = None;
         for (i, key) in self.account.aes_keys.iter().enumerate() {
-            match key.open(encrypt, &self.account.app_id) {
+            match key.open_bytes(encrypt, &self.account.app_id) {
                 Ok(inner) => return Ok((inner, i)),
                 Err(e) => {
                     first_err.get_or_insert(e);

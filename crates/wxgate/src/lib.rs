@@ -145,10 +145,56 @@ async fn purge_old_records(store: Store, retention: config::Retention) {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then finishes the requests
-/// in flight.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets
+/// requests in flight finish (at most `limits.drain`) and returns. A client must send a
+/// request's headers within `limits.header_timeout`, also on an idle keep-alive
+/// connection (no slowloris), and at most `limits.max_connections` are served at once.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: config::HttpConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
     let addr = listener.local_addr()?;
     info!("listening on http://{addr}");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors or similar: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("connection refused: at the connection limit");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.drain) => tracing::warn!("closing connections still busy after {:?}", limits.drain),
+    }
+    Ok(())
 }

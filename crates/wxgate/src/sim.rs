@@ -85,6 +85,7 @@ impl Account {
         let openid = xml::parse(inner).ok().and_then(|d| d.text_of("FromUserName").map(str::to_owned));
         let mut query = format!("signature={sig}&timestamp={timestamp}&nonce={nonce}");
         if let Some(o) = openid {
+            let o: String = form_urlencoded::byte_serialize(o.as_bytes()).collect();
             let _ = write!(query, "&openid={o}");
         }
         if mode == Mode::Plain {

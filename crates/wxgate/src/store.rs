@@ -350,11 +350,15 @@ impl Store {
         let _ = self.tx.try_send(Op::Retry { account: account.to_owned(), dedup_key: dedup_key.to_owned() });
     }
 
-    /// The keys recorded since `since_ms`, newest first, at most `limit`.
+    /// The keys answered since `since_ms`, newest first, at most `limit`.
     pub fn recent_keys(&self, since_ms: i64, limit: usize) -> Result<Vec<RecentKey>, StoreError> {
         let conn = open_read(&self.path)?;
         let mut stmt = conn
-            .prepare("SELECT account, dedup_key, reply FROM pushes WHERE received_at >= ?1 ORDER BY id DESC LIMIT ?2")
+            // Only final answers: a push whose forward was cut short must be forwarded again.
+            .prepare(
+                "SELECT account, dedup_key, reply FROM pushes
+                 WHERE received_at >= ?1 AND status IN ('answered', 'late') ORDER BY id DESC LIMIT ?2",
+            )
             .map_err(read_err)?;
         let rows = stmt
             .query_map(params![since_ms, limit as i64], |r| {

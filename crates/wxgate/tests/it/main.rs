@@ -9,5 +9,6 @@ mod crash;
 mod demo;
 mod forward;
 mod helpers;
+mod hostile;
 mod ops;
 mod sim;
