@@ -53,6 +53,9 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub retention: Retention,
     pub http: HttpConfig,
+    /// When not empty, only connections from these networks are served (WeChat's
+    /// callback addresses, from its `getcallbackip` API); others are closed at once.
+    pub allow_from: Vec<Network>,
     pub accounts: Vec<Account>,
 }
 
@@ -66,6 +69,45 @@ pub struct HttpConfig {
     pub drain: Duration,
     /// Most connections at once. Default 4096.
     pub max_connections: usize,
+}
+
+/// An IPv4 or IPv6 network, `addr/prefix` (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub fn parse(s: &str) -> Result<Network, String> {
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let addr: std::net::IpAddr = addr.trim().parse().map_err(|_| format!("{s:?} is not an IP address or network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Network { addr, prefix })
+    }
+
+    /// Whether `ip` lies in this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        // Compare the top `prefix` bits of the two addresses.
+        let same = |a: u128, b: u128, width: u32| {
+            let shift = width - u32::from(self.prefix);
+            shift >= width || (a >> shift) == (b >> shift)
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => same(u32::from(net).into(), u32::from(ip).into(), 32),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => same(net.into(), ip.into(), 128),
+            _ => false,
+        }
+    }
 }
 
 /// How long records are kept.
@@ -169,6 +211,8 @@ struct FileConfig {
     retention: FileRetention,
     #[serde(default)]
     http: FileHttp,
+    #[serde(default)]
+    allow_from: Vec<String>,
     #[serde(default)]
     accounts: Vec<FileAccount>,
 }
@@ -300,12 +344,19 @@ impl Config {
             drain: Duration::from_millis(h.drain_ms.unwrap_or(10_000)),
             max_connections: h.max_connections.unwrap_or(4096).max(1),
         };
+        let allow_from = file
+            .allow_from
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Network::parse(n).map_err(|e| ConfigError::new(format!("allow_from[{i}]"), e)))
+            .collect::<Result<_, _>>()?;
         Ok(Config {
             listen,
             metrics_listen,
             outbox,
             retention,
             http,
+            allow_from,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
             dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
             dedup_memory_entries,
@@ -484,6 +535,21 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
         for text in [include_str!("../../../wxgate.toml"), include_str!("../../../config/wxgate.example.toml")] {
             Config::parse(text).unwrap();
         }
+    }
+
+    #[test]
+    fn networks_contain_what_they_should() {
+        let n = Network::parse("101.226.62.0/24").unwrap();
+        assert!(n.contains("101.226.62.77".parse().unwrap()));
+        assert!(n.contains("::ffff:101.226.62.77".parse().unwrap()));
+        assert!(!n.contains("101.226.63.1".parse().unwrap()));
+        assert!(Network::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(Network::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Network::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(!Network::parse("::1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(Network::parse("fe80::/10").unwrap().contains("fe80::1".parse().unwrap()));
+        assert!(Network::parse("10.0.0.0/33").is_err());
+        assert_eq!(err(&format!("allow_from = [\"nope\"]\n{BASE}")), "allow_from[0]: \"nope\" is not an IP address or network");
     }
 
     #[test]

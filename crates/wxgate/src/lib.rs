@@ -146,13 +146,15 @@ async fn purge_old_records(store: Store, retention: config::Retention) {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets
-/// requests in flight finish (at most `limits.drain`) and returns. A client must send a
+/// requests in flight finish (at most `limits.drain`) and returns. With `allow_from`
+/// not empty, connections from other addresses are closed at once. A client must send a
 /// request's headers within `limits.header_timeout`, also on an idle keep-alive
 /// connection (no slowloris), and at most `limits.max_connections` are served at once.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: config::HttpConfig,
+    allow_from: Vec<config::Network>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -166,7 +168,11 @@ pub async fn serve(
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) if allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip())) => stream,
+                Ok((_, peer)) => {
+                    tracing::debug!(target: "wxgate::rejected", %peer, "connection from outside allow_from closed");
+                    continue;
+                }
                 Err(e) => {
                     // Out of file descriptors or similar: wait a little rather than spin.
                     tracing::warn!(error = %e, "accept failed");

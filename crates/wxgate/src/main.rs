@@ -146,7 +146,7 @@ fn serve(config: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
             tokio::spawn(async move { axum::serve(metrics, router).await });
         }
         let listener = tokio::net::TcpListener::bind(&addrs[..]).await.with_context(|| format!("cannot listen on {shown}"))?;
-        wxgate::serve(listener, app.router, config.http, shutdown_signal()).await?;
+        wxgate::serve(listener, app.router, config.http, config.allow_from.clone(), shutdown_signal()).await?;
         // Requests in flight have been answered; let the store commit what is queued.
         let flushed = tokio::task::spawn_blocking(move || app.store.close(std::time::Duration::from_secs(10))).await?;
         tracing::info!(flushed, "stopped");

@@ -154,3 +154,11 @@ fn sigterm_is_not_held_off_by_a_half_sent_request() {
     assert!(started.elapsed() < Duration::from_secs(5), "stopped within the drain time");
     drop(slow);
 }
+
+#[test]
+fn allow_from_closes_connections_from_elsewhere() {
+    let closed = Server::start(&format!("allow_from = [\"10.0.0.0/8\"]\n{}", account_toml("/wx", RULES)));
+    assert!(request(&closed.addr(), "GET", "/healthz", &[], Body::None).is_err(), "127.0.0.1 is not in 10.0.0.0/8");
+    let open = Server::start(&format!("allow_from = [\"10.0.0.0/8\", \"127.0.0.0/8\"]\n{}", account_toml("/wx", RULES)));
+    assert_eq!(request(&open.addr(), "GET", "/healthz", &[], Body::None).unwrap().status, 200);
+}
