@@ -1,7 +1,8 @@
 //! Writes distinct, signed (and in safe mode encrypted) pushes for the wrk load
 //! benchmark: one request per line, `PATH?QUERY<TAB>BODY`, bodies on one line.
 //!
-//! `cargo run --release --example wrk_requests -- plain|safe COUNT > requests.tsv`
+//! `cargo run --release --example wrk_requests -- plain|safe COUNT [FIRST] > requests.tsv`
+//! (FIRST numbers the pushes from there, so that two files hold different pushes).
 
 use wxgate::sim::{Account, Mode, compose};
 use wxgate_protocol::EncodingAesKey;
@@ -13,6 +14,7 @@ fn main() {
         _ => Mode::Plain,
     };
     let count: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let first: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
     let wechat = Account {
         token: "qaHeldoutTok2024".into(),
         app_id: "wx7c1f0e2a9b3d4e5f".into(),
@@ -20,7 +22,7 @@ fn main() {
         original_id: "gh_3a9f1c2b7d10".into(),
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for n in 0..count {
+    for n in first..first + count {
         let follower = format!("oBenchFollower{:014}", n % 50_000);
         // Plaintext: a text message answered by a text reply. Safe: a QR-scene subscribe
         // answered by an encrypted text reply. Every push distinct.
