@@ -196,7 +196,11 @@ impl Rule {
 
 impl ReplyTemplate {
     fn render(&self, push: &Push) -> Reply {
-        let r = |t: &Template| t.render(push);
+        self.build(|t| t.render(push))
+    }
+
+    /// The reply, each string made by `r` (filled from a push, or taken literally).
+    fn build(&self, r: impl Fn(&Template) -> String) -> Reply {
         match self {
             ReplyTemplate::Forward { .. } | ReplyTemplate::None => Reply::None,
             ReplyTemplate::Text(t) => Reply::Text(r(t)),
@@ -238,38 +242,12 @@ pub fn literal_reply(json: &[u8]) -> Result<Reply, String> {
         return Err("an answer cannot forward again".into());
     }
     let template = ReplyTemplate::check_with(file, "answer", Template::literal).map_err(|e| e.to_string())?;
-    // Literal templates ignore the push; any push renders them.
-    Ok(template.render_literal())
+    Ok(template.build(Template::literal_text))
 }
 
 impl ReplyTemplate {
     fn check(r: ReplyFile, at: &str) -> Result<ReplyTemplate, ConfigError> {
         Self::check_with(r, at, Template::parse)
-    }
-
-    fn render_literal(&self) -> Reply {
-        let r = |t: &Template| t.literal_text();
-        match self {
-            ReplyTemplate::Forward { .. } | ReplyTemplate::None => Reply::None,
-            ReplyTemplate::Text(t) => Reply::Text(r(t)),
-            ReplyTemplate::Image(t) => Reply::Image { media_id: r(t) },
-            ReplyTemplate::Voice(t) => Reply::Voice { media_id: r(t) },
-            ReplyTemplate::Video([m, t, d]) => Reply::Video { media_id: r(m), title: r(t), description: r(d) },
-            ReplyTemplate::Music([t, d, u, hq, thumb]) => Reply::Music {
-                title: r(t),
-                description: r(d),
-                music_url: r(u),
-                hq_music_url: r(hq),
-                thumb_media_id: r(thumb),
-            },
-            ReplyTemplate::News(items) => Reply::News(
-                items
-                    .iter()
-                    .map(|[t, d, u, p]| Article { title: r(t), description: r(d), url: r(u), pic_url: r(p) })
-                    .collect(),
-            ),
-            ReplyTemplate::Transfer(kf) => Reply::TransferCustomerService { kf_account: kf.as_ref().map(r) },
-        }
     }
 
     fn check_with(r: ReplyFile, at: &str, parse: fn(&str) -> Result<Template, String>) -> Result<ReplyTemplate, ConfigError> {
