@@ -2,9 +2,10 @@
 //!
 //! A POST goes through, in order: the URL `signature` (before any byte of the body is
 //! read), the timestamp window, the mode (`encrypt_type`), a capped body read, the outer
-//! XML, `msg_signature` over the envelope and decryption (encrypted modes), typing,
-//! de-duplication, the account's rules, the store, and the reply in the request's mode.
-//! Every refusal is a [`Rejection`], mapped to its HTTP status in one place.
+//! XML, `msg_signature` over the envelope and decryption (encrypted modes), typing, then
+//! [`crate::handle`] (de-duplication, rules or forwards, the store), and the reply in the
+//! request's mode. Every refusal is a [`Rejection`], mapped to its HTTP status in one
+//! place.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
