@@ -28,7 +28,7 @@ fn per_push(c: &mut Criterion) {
     let mut g = c.benchmark_group("per_push");
     g.bench_function("plaintext_text_to_text_reply", |b| {
         b.iter(|| {
-            assert!(signature::verify("0", &[&token, "1733300000", "1134486126"]) == false);
+            assert!(!signature::verify("0", &[&token, "1733300000", "1134486126"]));
             let push = Push::parse(black_box(&plain.body)).unwrap();
             let _key = push.dedup_key();
             let wxgate::rules::Action::Reply(reply) = wxgate::rules::answer(&account.rules, &push) else { unreachable!() };

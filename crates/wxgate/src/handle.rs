@@ -186,14 +186,12 @@ impl AccountState {
                 Claim::New(guard) => {
                     // Durable first: the push is kept even if the service never answers.
                     let record = self.record(push, doc, encrypted, key, None, Status::Forwarding, None);
-                    match self.store.insert(record).await? {
-                        Inserted::Existing { status: Status::Answered | Status::Late, reply } => {
-                            let answer = Answer { reply: reply.map(Arc::from) };
-                            guard.finish(answer.clone());
-                            return Ok((Outcome::Duplicate, answer));
-                        }
-                        // New, or an earlier forward failed or was cut short by a restart.
-                        _ => {}
+                    // New, or an earlier forward failed or was cut short by a restart:
+                    // forward (again). Answered before: that answer.
+                    if let Inserted::Existing { status: Status::Answered | Status::Late, reply } = self.store.insert(record).await? {
+                        let answer = Answer { reply: reply.map(Arc::from) };
+                        guard.finish(answer.clone());
+                        return Ok((Outcome::Duplicate, answer));
                     }
                     let rx = guard.subscribe();
                     let job = ForwardJob {

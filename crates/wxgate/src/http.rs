@@ -372,7 +372,7 @@ impl AccountState {
 
     /// Everything after the body has arrived.
     async fn process(self: &Arc<Self>, q: &Query, token: usize, encrypted: bool, body: &[u8], started: Instant) -> Result<Response, Rejection> {
-        let doc = std::str::from_utf8(&body).map_err(|_| Rejection::NotUtf8)?;
+        let doc = std::str::from_utf8(body).map_err(|_| Rejection::NotUtf8)?;
 
         let outer = xml::parse(doc)?;
         let (inner, creds) = if encrypted {

@@ -111,8 +111,11 @@ impl Metrics {
     }
 }
 
+/// A sample's labels, as name/value pairs.
+pub type Labels<'a> = Vec<(&'a str, &'a str)>;
+
 /// One sample line of a Prometheus exposition: name, labels, value.
-pub fn parse_sample(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
+pub fn parse_sample(line: &str) -> Option<(&str, Labels<'_>, f64)> {
     if line.starts_with('#') || line.trim().is_empty() {
         return None;
     }

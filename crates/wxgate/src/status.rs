@@ -18,9 +18,18 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
     if rows.is_empty() {
         let _ = writeln!(out, "  no pushes recorded yet");
     }
-    let _ = writeln!(out, "  {:<12} {:<32} {:>9} {:>7} {:>11}  {}", "account", "kind", "records", "dead", "deliveries", "latest");
-    for (account, kind, n, dead, deliveries, latest) in &rows {
-        let _ = writeln!(out, "  {account:<12} {kind:<32} {n:>9} {dead:>7} {deliveries:>11}  {}", rfc3339_ms(*latest));
+    let _ = writeln!(out, "  {:<12} {:<32} {:>9} {:>7} {:>11}  latest", "account", "kind", "records", "dead", "deliveries");
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<32} {:>9} {:>7} {:>11}  {}",
+            r.account,
+            r.kind,
+            r.records,
+            r.dead_letters,
+            r.deliveries,
+            rfc3339_ms(r.latest_ms)
+        );
     }
 
     let Some(addr) = config.metrics_listen else {

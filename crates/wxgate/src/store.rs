@@ -704,9 +704,20 @@ pub fn outbox_depth(dir: &Path, now_ms: i64) -> Result<(i64, i64, i64), StoreErr
     .map_err(read_err)
 }
 
-/// Recorded pushes per account and kind: (account, kind, records, dead letters,
-/// deliveries, newest arrival in Unix ms).
-pub fn summary(dir: &Path) -> Result<Vec<(String, String, i64, i64, i64, i64)>, StoreError> {
+/// Recorded pushes of one account and kind.
+#[derive(Debug, Clone)]
+pub struct KindSummary {
+    pub account: String,
+    pub kind: String,
+    pub records: i64,
+    pub dead_letters: i64,
+    pub deliveries: i64,
+    /// Newest arrival, Unix ms.
+    pub latest_ms: i64,
+}
+
+/// Recorded pushes per account and kind.
+pub fn summary(dir: &Path) -> Result<Vec<KindSummary>, StoreError> {
     let path = dir.join("wxgate.db");
     if !path.exists() {
         return Ok(Vec::new());
@@ -719,7 +730,16 @@ pub fn summary(dir: &Path) -> Result<Vec<(String, String, i64, i64, i64, i64)>, 
         )
         .map_err(read_err)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        .query_map([], |r| {
+            Ok(KindSummary {
+                account: r.get(0)?,
+                kind: r.get(1)?,
+                records: r.get(2)?,
+                dead_letters: r.get(3)?,
+                deliveries: r.get(4)?,
+                latest_ms: r.get(5)?,
+            })
+        })
         .map_err(read_err)?;
     rows.collect::<Result<_, _>>().map_err(read_err)
 }

@@ -279,11 +279,10 @@ impl Step {
                 _ => return Some(format!("expected a {t} reply, got {}", got(seen))),
             }
         }
-        if let Some(t) = &self.expect_text {
-            if seen.text() != Some(t.as_str()) {
+        if let Some(t) = &self.expect_text
+            && seen.text() != Some(t.as_str()) {
                 return Some(format!("expected the text {t:?}, got {}", got(seen)));
             }
-        }
         None
     }
 }

@@ -92,7 +92,7 @@ fn missing_or_wrong_parameters_are_refused() {
         "/wx".to_owned(),
         format!("/wx?signature={sig}&timestamp=1733300000"),
         format!("/wx?signature={sig}&nonce=42"),
-        format!("/wx?timestamp=1733300000&nonce=42"),
+        "/wx?timestamp=1733300000&nonce=42".to_string(),
         format!("/wx?signature={sig}&timestamp=1733300001&nonce=42"),
         // Encrypted without msg_signature.
         format!("/wx?{}&encrypt_type=aes", plain_query()),

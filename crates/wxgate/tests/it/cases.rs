@@ -98,11 +98,10 @@ fn run_case(case: &Value) -> Result<(), String> {
             Err(e) => return Err(format!("step {} ({label}): {e}", i + 1)),
         }
     }
-    if let Some(p) = &probe {
-        if p.accept().is_ok() {
+    if let Some(p) = &probe
+        && p.accept().is_ok() {
             return Err("the server opened a connection to the XXE probe".into());
         }
-    }
     Ok(())
 }
 
@@ -158,24 +157,21 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
             return Err(format!("took {latency:?}, expected about {max} ms"));
         }
     }
-    if let Some(exact) = expect["body_exact"].as_str() {
-        if resp.body != exact {
+    if let Some(exact) = expect["body_exact"].as_str()
+        && resp.body != exact {
             return Err(format!("body {:?}, expected exactly {exact:?}", resp.body));
         }
-    }
-    if let Some(options) = expect["body_one_of"].as_array() {
-        if !options.iter().any(|o| o.as_str() == Some(resp.body.as_str())) {
+    if let Some(options) = expect["body_one_of"].as_array()
+        && !options.iter().any(|o| o.as_str() == Some(resp.body.as_str())) {
             return Err(format!("body {:?}, expected one of {options:?}", resp.body));
         }
-    }
 
     // handler_calls: how many new records this request made.
     let new: Vec<&Value> = after.iter().filter(|r| !before.iter().any(|b| b["id"] == r["id"])).collect();
-    if let Some(calls) = expect["handler_calls"].as_u64() {
-        if new.len() as u64 != calls {
+    if let Some(calls) = expect["handler_calls"].as_u64()
+        && new.len() as u64 != calls {
             return Err(format!("handler ran {} times, expected {calls}", new.len()));
         }
-    }
 
     // The parsed fields, read back from the store.
     if let Some(parsed) = expect["parsed"].as_object() {
@@ -226,17 +222,15 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
             Some("plain") if is_encrypted => return Err("reply should be plain".into()),
             _ => {}
         }
-        if let Some(t) = want.get("MsgType").and_then(Value::as_str) {
-            if msg_type != t {
+        if let Some(t) = want.get("MsgType").and_then(Value::as_str)
+            && msg_type != t {
                 return Err(format!("reply MsgType {msg_type}, expected {t}"));
             }
-        }
         let content = doc.child("Content").map(|c| c.text.clone());
-        if let Some(c) = want.get("Content").and_then(Value::as_str) {
-            if content.as_deref() != Some(c) {
+        if let Some(c) = want.get("Content").and_then(Value::as_str)
+            && content.as_deref() != Some(c) {
                 return Err(format!("reply Content {content:?}, expected {c:?}"));
             }
-        }
         if want.get("Content_equals_request_Content").and_then(Value::as_bool) == Some(true) {
             let sent = wxgate_protocol::xml::parse(inner).ok().and_then(|d| d.child("Content").map(|c| c.text.clone()));
             if content != sent {

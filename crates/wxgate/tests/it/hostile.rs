@@ -144,11 +144,10 @@ fn sigterm_is_not_held_off_by_a_half_sent_request() {
     Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(line) = server.log.recv_timeout(Duration::from_millis(100)) {
-            if line.contains("stopped") {
+        if let Ok(line) = server.log.recv_timeout(Duration::from_millis(100))
+            && line.contains("stopped") {
                 break;
             }
-        }
         assert!(Instant::now() < deadline, "still running 10 s after SIGTERM");
     }
     assert!(started.elapsed() < Duration::from_secs(5), "stopped within the drain time");
