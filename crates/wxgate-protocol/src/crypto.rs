@@ -100,11 +100,13 @@ impl EncodingAesKey {
 
     /// Decrypts to the message's bytes (not yet checked as UTF-8) and the trailing id.
     pub fn decrypt_bytes(&self, encrypt: &str) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
-        let mut buf = general_purpose::STANDARD.decode(encrypt.trim()).map_err(|_| CryptoError::Base64)?;
+        let mut buf =
+            general_purpose::STANDARD.decode(encrypt.trim()).map_err(|_| CryptoError::Base64)?;
         if buf.is_empty() || buf.len() % 16 != 0 {
             return Err(CryptoError::BlockLength(buf.len()));
         }
-        let mut cipher = cbc::Decryptor::<Aes256>::new(&Array::from(self.0), &Array::from(self.iv()));
+        let mut cipher =
+            cbc::Decryptor::<Aes256>::new(&Array::from(self.0), &Array::from(self.iv()));
         let (blocks, _) = Array::slice_as_chunks_mut(&mut buf);
         cipher.decrypt_blocks(blocks);
 
@@ -172,7 +174,8 @@ impl EncodingAesKey {
         buf.extend_from_slice(app_id.as_bytes());
         buf.resize(body + pad, pad as u8);
 
-        let mut cipher = cbc::Encryptor::<Aes256>::new(&Array::from(self.0), &Array::from(self.iv()));
+        let mut cipher =
+            cbc::Encryptor::<Aes256>::new(&Array::from(self.0), &Array::from(self.iv()));
         let (blocks, _) = Array::slice_as_chunks_mut(&mut buf);
         cipher.encrypt_blocks(blocks);
         general_purpose::STANDARD.encode(&buf)
@@ -189,7 +192,10 @@ mod tests {
 
     #[test]
     fn key_with_spare_bits_decodes() {
-        assert_eq!(hex::encode(key().as_bytes()), "69b71d79f8218a39259a7a29aabb2dbafc31cb3d35db7e39ebbf3d0010831051");
+        assert_eq!(
+            hex::encode(key().as_bytes()),
+            "69b71d79f8218a39259a7a29aabb2dbafc31cb3d35db7e39ebbf3d0010831051"
+        );
     }
 
     #[test]

@@ -78,19 +78,59 @@ pub enum Kind {
 /// Ordinary messages a follower sends (接收普通消息).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
-    Text { content: String, bizmsgmenuid: Option<String> },
-    Image { pic_url: String, media_id: String },
-    Voice { media_id: String, format: String, recognition: Option<String>, media_id_16k: Option<String> },
-    Video { media_id: String, thumb_media_id: String },
-    ShortVideo { media_id: String, thumb_media_id: String },
+    Text {
+        content: String,
+        bizmsgmenuid: Option<String>,
+    },
+    Image {
+        pic_url: String,
+        media_id: String,
+    },
+    Voice {
+        media_id: String,
+        format: String,
+        recognition: Option<String>,
+        media_id_16k: Option<String>,
+    },
+    Video {
+        media_id: String,
+        thumb_media_id: String,
+    },
+    ShortVideo {
+        media_id: String,
+        thumb_media_id: String,
+    },
     /// A location the follower chose to send (Location_X is latitude, Location_Y longitude).
-    Location { latitude: Number, longitude: Number, scale: Number, label: String },
-    Link { title: String, description: String, url: String },
+    Location {
+        latitude: Number,
+        longitude: Number,
+        scale: Number,
+        label: String,
+    },
+    Link {
+        title: String,
+        description: String,
+        url: String,
+    },
     /// Undocumented but observed when a follower sends a file.
-    File { title: String, description: String, file_key: String, file_md5: String, file_total_len: Number },
-    MiniProgramPage { app_id: String, title: String, page_path: String, thumb_url: String, thumb_media_id: String },
+    File {
+        title: String,
+        description: String,
+        file_key: String,
+        file_md5: String,
+        file_total_len: Number,
+    },
+    MiniProgramPage {
+        app_id: String,
+        title: String,
+        page_path: String,
+        thumb_url: String,
+        thumb_media_id: String,
+    },
     /// A `MsgType` this version does not know; every field is in [`Push::fields`].
-    Unknown { msg_type: String },
+    Unknown {
+        msg_type: String,
+    },
 }
 
 /// One picture of a `pic_*` menu event.
@@ -122,37 +162,121 @@ pub struct PublishedArticle {
 pub enum Event {
     /// A follow; through a parametric QR code `scene` holds the scene value with
     /// `qrscene_` stripped once from the start.
-    Subscribe { event_key: Option<String>, ticket: Option<String>, scene: Option<String> },
+    Subscribe {
+        event_key: Option<String>,
+        ticket: Option<String>,
+        scene: Option<String>,
+    },
     Unsubscribe,
     /// An existing follower scanned a parametric QR code; the EventKey is the scene.
-    Scan { scene: Option<String>, ticket: Option<String> },
+    Scan {
+        scene: Option<String>,
+        ticket: Option<String>,
+    },
     /// The automatic location report (上报地理位置), distinct from a location message.
-    LocationReport { latitude: Number, longitude: Number, precision: Number },
-    Click { key: String },
-    View { url: String, menu_id: Option<String> },
-    ScancodePush { key: String, scan_type: String, scan_result: String },
-    ScancodeWaitmsg { key: String, scan_type: String, scan_result: String },
+    LocationReport {
+        latitude: Number,
+        longitude: Number,
+        precision: Number,
+    },
+    Click {
+        key: String,
+    },
+    View {
+        url: String,
+        menu_id: Option<String>,
+    },
+    ScancodePush {
+        key: String,
+        scan_type: String,
+        scan_result: String,
+    },
+    ScancodeWaitmsg {
+        key: String,
+        scan_type: String,
+        scan_result: String,
+    },
     /// `pic_sysphoto`, `pic_photo_or_album` or `pic_weixin`; the name is in `event`.
-    Pictures { event: String, key: String, count: Number, pics: Vec<PicItem> },
-    LocationSelect { key: String, latitude: Number, longitude: Number, scale: Number, label: String, poiname: String },
-    ViewMiniprogram { path: String, menu_id: Option<String> },
-    MassSendJobFinish { msg_id: String, status: String, total: Number, filter: Number, sent: Number, errors: Number },
-    TemplateSendJobFinish { msg_id: String, status: String },
-    PublishJobFinish { publish_id: String, status: Number, article_id: Option<String>, articles: Vec<PublishedArticle>, fail_idx: Vec<String> },
-    SubscribeMsgPopup { items: Vec<SubscribeMsgItem> },
-    SubscribeMsgChange { items: Vec<SubscribeMsgItem> },
-    SubscribeMsgSent { items: Vec<SubscribeMsgItem> },
-    KfCreateSession { kf_account: String },
-    KfCloseSession { kf_account: String },
-    KfSwitchSession { from_kf_account: String, to_kf_account: String },
+    Pictures {
+        event: String,
+        key: String,
+        count: Number,
+        pics: Vec<PicItem>,
+    },
+    LocationSelect {
+        key: String,
+        latitude: Number,
+        longitude: Number,
+        scale: Number,
+        label: String,
+        poiname: String,
+    },
+    ViewMiniprogram {
+        path: String,
+        menu_id: Option<String>,
+    },
+    MassSendJobFinish {
+        msg_id: String,
+        status: String,
+        total: Number,
+        filter: Number,
+        sent: Number,
+        errors: Number,
+    },
+    TemplateSendJobFinish {
+        msg_id: String,
+        status: String,
+    },
+    PublishJobFinish {
+        publish_id: String,
+        status: Number,
+        article_id: Option<String>,
+        articles: Vec<PublishedArticle>,
+        fail_idx: Vec<String>,
+    },
+    SubscribeMsgPopup {
+        items: Vec<SubscribeMsgItem>,
+    },
+    SubscribeMsgChange {
+        items: Vec<SubscribeMsgItem>,
+    },
+    SubscribeMsgSent {
+        items: Vec<SubscribeMsgItem>,
+    },
+    KfCreateSession {
+        kf_account: String,
+    },
+    KfCloseSession {
+        kf_account: String,
+    },
+    KfSwitchSession {
+        from_kf_account: String,
+        to_kf_account: String,
+    },
     /// 微信认证 results; the name (e.g. `naming_verify_fail`) is in `event`.
-    Verification { event: String, expired_time: Option<String>, fail_time: Option<String>, fail_reason: Option<String> },
+    Verification {
+        event: String,
+        expired_time: Option<String>,
+        fail_time: Option<String>,
+        fail_reason: Option<String>,
+    },
     /// `user_info_modified`, `user_authorization_revoke`, `user_authorization_cancellation`.
-    UserAuthorization { event: String, open_id: String, app_id: String, revoke_info: Option<String> },
+    UserAuthorization {
+        event: String,
+        open_id: String,
+        app_id: String,
+        revoke_info: Option<String>,
+    },
     /// Card and member-card events (§7.5); every field stays in [`Push::fields`].
-    Card { event: String, card_id: Option<String>, user_card_code: Option<String> },
+    Card {
+        event: String,
+        card_id: Option<String>,
+        user_card_code: Option<String>,
+    },
     /// An event this version does not type; every field is in [`Push::fields`].
-    Unknown { event: String },
+    Unknown {
+        event: String,
+    },
 }
 
 impl Push {
@@ -166,7 +290,8 @@ impl Push {
         if root.name != "xml" {
             return Err(PushError::Root(root.name));
         }
-        let from = root.text_of("FromUserName").ok_or(PushError::Missing("FromUserName"))?.to_owned();
+        let from =
+            root.text_of("FromUserName").ok_or(PushError::Missing("FromUserName"))?.to_owned();
         let msg_type = root.text_of("MsgType").ok_or(PushError::Missing("MsgType"))?.to_owned();
         let to = root.text_of("ToUserName").unwrap_or_default().to_owned();
         let create_time = Number::from_field(&root, "CreateTime");
@@ -202,7 +327,9 @@ impl Push {
     /// The QR-code scene of a parametric subscribe or a SCAN.
     pub fn scene(&self) -> Option<&str> {
         match &self.kind {
-            Kind::Event(Event::Subscribe { scene, .. } | Event::Scan { scene, .. }) => scene.as_deref(),
+            Kind::Event(Event::Subscribe { scene, .. } | Event::Scan { scene, .. }) => {
+                scene.as_deref()
+            }
             _ => None,
         }
     }
@@ -284,7 +411,10 @@ fn opt(el: &Element, name: &str) -> Option<String> {
 impl Message {
     fn from_fields(msg_type: &str, f: &Element) -> Message {
         match msg_type.to_ascii_lowercase().as_str() {
-            "text" => Message::Text { content: f.child("Content").map(|c| c.text.clone()).unwrap_or_default(), bizmsgmenuid: opt(f, "bizmsgmenuid") },
+            "text" => Message::Text {
+                content: f.child("Content").map(|c| c.text.clone()).unwrap_or_default(),
+                bizmsgmenuid: opt(f, "bizmsgmenuid"),
+            },
             "image" => Message::Image { pic_url: text(f, "PicUrl"), media_id: text(f, "MediaId") },
             "voice" => Message::Voice {
                 media_id: text(f, "MediaId"),
@@ -292,15 +422,25 @@ impl Message {
                 recognition: opt(f, "Recognition"),
                 media_id_16k: opt(f, "MediaId16K"),
             },
-            "video" => Message::Video { media_id: text(f, "MediaId"), thumb_media_id: text(f, "ThumbMediaId") },
-            "shortvideo" => Message::ShortVideo { media_id: text(f, "MediaId"), thumb_media_id: text(f, "ThumbMediaId") },
+            "video" => Message::Video {
+                media_id: text(f, "MediaId"),
+                thumb_media_id: text(f, "ThumbMediaId"),
+            },
+            "shortvideo" => Message::ShortVideo {
+                media_id: text(f, "MediaId"),
+                thumb_media_id: text(f, "ThumbMediaId"),
+            },
             "location" => Message::Location {
                 latitude: Number::from_field(f, "Location_X"),
                 longitude: Number::from_field(f, "Location_Y"),
                 scale: Number::from_field(f, "Scale"),
                 label: f.child("Label").map(|c| c.text.clone()).unwrap_or_default(),
             },
-            "link" => Message::Link { title: text(f, "Title"), description: text(f, "Description"), url: text(f, "Url") },
+            "link" => Message::Link {
+                title: text(f, "Title"),
+                description: text(f, "Description"),
+                url: text(f, "Url"),
+            },
             "file" => Message::File {
                 title: text(f, "Title"),
                 description: text(f, "Description"),
@@ -379,7 +519,8 @@ impl Event {
             "view" => Event::View { url: key(), menu_id: opt(f, "MenuId") },
             "scancode_push" | "scancode_waitmsg" => {
                 let scan_type = f.text_at("ScanCodeInfo/ScanType").unwrap_or_default().to_owned();
-                let scan_result = f.at("ScanCodeInfo/ScanResult").map(|e| e.text.clone()).unwrap_or_default();
+                let scan_result =
+                    f.at("ScanCodeInfo/ScanResult").map(|e| e.text.clone()).unwrap_or_default();
                 if lower == "scancode_push" {
                     Event::ScancodePush { key: key(), scan_type, scan_result }
                 } else {
@@ -420,7 +561,9 @@ impl Event {
                 sent: Number::from_field(f, "SentCount"),
                 errors: Number::from_field(f, "ErrorCount"),
             },
-            "templatesendjobfinish" => Event::TemplateSendJobFinish { msg_id: job_msg_id(f), status: text(f, "Status") },
+            "templatesendjobfinish" => {
+                Event::TemplateSendJobFinish { msg_id: job_msg_id(f), status: text(f, "Status") }
+            }
             "publishjobfinish" => {
                 let empty = Element::default();
                 let info = f.child("PublishEventInfo").unwrap_or(&empty);
@@ -437,28 +580,45 @@ impl Event {
                     fail_idx: info.children_named("fail_idx").map(|e| e.text.clone()).collect(),
                 }
             }
-            "subscribe_msg_popup_event" => Event::SubscribeMsgPopup { items: subscribe_items(f, "SubscribeMsgPopupEvent") },
-            "subscribe_msg_change_event" => Event::SubscribeMsgChange { items: subscribe_items(f, "SubscribeMsgChangeEvent") },
-            "subscribe_msg_sent_event" => Event::SubscribeMsgSent { items: subscribe_items(f, "SubscribeMsgSentEvent") },
+            "subscribe_msg_popup_event" => {
+                Event::SubscribeMsgPopup { items: subscribe_items(f, "SubscribeMsgPopupEvent") }
+            }
+            "subscribe_msg_change_event" => {
+                Event::SubscribeMsgChange { items: subscribe_items(f, "SubscribeMsgChangeEvent") }
+            }
+            "subscribe_msg_sent_event" => {
+                Event::SubscribeMsgSent { items: subscribe_items(f, "SubscribeMsgSentEvent") }
+            }
             "kf_create_session" => Event::KfCreateSession { kf_account: text(f, "KfAccount") },
             "kf_close_session" => Event::KfCloseSession { kf_account: text(f, "KfAccount") },
-            "kf_switch_session" => Event::KfSwitchSession { from_kf_account: text(f, "FromKfAccount"), to_kf_account: text(f, "ToKfAccount") },
-            "qualification_verify_success" | "qualification_verify_fail" | "naming_verify_success" | "naming_verify_fail"
-            | "annual_renew" | "verify_expired" => Event::Verification {
+            "kf_switch_session" => Event::KfSwitchSession {
+                from_kf_account: text(f, "FromKfAccount"),
+                to_kf_account: text(f, "ToKfAccount"),
+            },
+            "qualification_verify_success"
+            | "qualification_verify_fail"
+            | "naming_verify_success"
+            | "naming_verify_fail"
+            | "annual_renew"
+            | "verify_expired" => Event::Verification {
                 event: name.to_owned(),
                 expired_time: opt(f, "ExpiredTime"),
                 fail_time: opt(f, "FailTime"),
                 fail_reason: opt(f, "FailReason"),
             },
-            "user_info_modified" | "user_authorization_revoke" | "user_authorization_cancellation" => Event::UserAuthorization {
+            "user_info_modified"
+            | "user_authorization_revoke"
+            | "user_authorization_cancellation" => Event::UserAuthorization {
                 event: name.to_owned(),
                 open_id: text(f, "OpenID"),
                 app_id: text(f, "AppID"),
                 revoke_info: opt(f, "RevokeInfo"),
             },
-            other if CARD_EVENTS.contains(&other) => {
-                Event::Card { event: name.to_owned(), card_id: opt(f, "CardId"), user_card_code: opt(f, "UserCardCode") }
-            }
+            other if CARD_EVENTS.contains(&other) => Event::Card {
+                event: name.to_owned(),
+                card_id: opt(f, "CardId"),
+                user_card_code: opt(f, "UserCardCode"),
+            },
             _ => Event::Unknown { event: name.to_owned() },
         }
     }

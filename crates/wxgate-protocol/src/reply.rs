@@ -30,13 +30,29 @@ pub enum Reply {
     /// No reply: the body `success`.
     None,
     Text(String),
-    Image { media_id: String },
-    Voice { media_id: String },
-    Video { media_id: String, title: String, description: String },
-    Music { title: String, description: String, music_url: String, hq_music_url: String, thumb_media_id: String },
+    Image {
+        media_id: String,
+    },
+    Voice {
+        media_id: String,
+    },
+    Video {
+        media_id: String,
+        title: String,
+        description: String,
+    },
+    Music {
+        title: String,
+        description: String,
+        music_url: String,
+        hq_music_url: String,
+        thumb_media_id: String,
+    },
     News(Vec<Article>),
     /// Hand the conversation to customer service, optionally to one agent (`prefix@account`).
-    TransferCustomerService { kf_account: Option<String> },
+    TransferCustomerService {
+        kf_account: Option<String>,
+    },
 }
 
 impl Reply {
@@ -58,7 +74,13 @@ impl Reply {
     /// account (the push's ToUserName). News beyond `max_articles` is dropped so that
     /// `ArticleCount` always equals the items sent; see [`Reply::dropped_articles`].
     /// Returns `None` for [`Reply::None`].
-    pub fn to_xml(&self, to: &str, from: &str, create_time: u64, max_articles: usize) -> Option<String> {
+    pub fn to_xml(
+        &self,
+        to: &str,
+        from: &str,
+        create_time: u64,
+        max_articles: usize,
+    ) -> Option<String> {
         let msg_type = self.msg_type()?;
         let mut x = String::with_capacity(256);
         x.push_str("<xml>");
@@ -163,7 +185,8 @@ mod tests {
 
     #[test]
     fn text_reply_swaps_addresses_and_survives_hostile_text() {
-        let xml = Reply::Text("a]]>b\u{2}c".into()).to_xml("oUser", "gh_acct", 1700000000, 8).unwrap();
+        let xml =
+            Reply::Text("a]]>b\u{2}c".into()).to_xml("oUser", "gh_acct", 1700000000, 8).unwrap();
         let el = parse(&xml).unwrap();
         assert_eq!(el.text_of("ToUserName"), Some("oUser"));
         assert_eq!(el.text_of("FromUserName"), Some("gh_acct"));
@@ -182,9 +205,12 @@ mod tests {
 
     #[test]
     fn transfer_with_and_without_agent() {
-        let plain = Reply::TransferCustomerService { kf_account: None }.to_xml("o", "g", 1, 8).unwrap();
+        let plain =
+            Reply::TransferCustomerService { kf_account: None }.to_xml("o", "g", 1, 8).unwrap();
         assert!(!plain.contains("TransInfo"));
-        let agent = Reply::TransferCustomerService { kf_account: Some("a@b".into()) }.to_xml("o", "g", 1, 8).unwrap();
+        let agent = Reply::TransferCustomerService { kf_account: Some("a@b".into()) }
+            .to_xml("o", "g", 1, 8)
+            .unwrap();
         assert_eq!(parse(&agent).unwrap().text_at("TransInfo/KfAccount"), Some("a@b"));
     }
 

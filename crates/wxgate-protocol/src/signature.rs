@@ -43,7 +43,10 @@ mod tests {
 
     #[test]
     fn byte_order_not_numeric_order() {
-        assert_eq!(url_signature("Token123", "1700000000", "99"), "87d5d3ae22332ae2595f1e006f51b3e9a08fab32");
+        assert_eq!(
+            url_signature("Token123", "1700000000", "99"),
+            "87d5d3ae22332ae2595f1e006f51b3e9a08fab32"
+        );
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub enum XmlError {
     #[error("document type declarations are not accepted (no entities are ever expanded)")]
     Doctype,
     /// The name is not kept: it is request data, and errors reach logs.
-    #[error("undeclared entity reference (only &amp; &lt; &gt; &quot; &apos; and character references exist)")]
+    #[error(
+        "undeclared entity reference (only &amp; &lt; &gt; &quot; &apos; and character references exist)"
+    )]
     UnknownEntity,
     #[error("not well-formed xml: {0}")]
     Malformed(String),
@@ -90,7 +92,10 @@ pub fn parse(doc: &str) -> Result<Element, XmlError> {
 /// would judge it): characters XML 1.0 forbids and a bare `]]>` in text are refused too.
 pub fn parse_strict(doc: &str) -> Result<Element, XmlError> {
     if let Some(c) = doc.chars().find(|&c| !is_xml_char(c)) {
-        return Err(XmlError::Malformed(format!("character U+{:04X} is not allowed in XML 1.0", c as u32)));
+        return Err(XmlError::Malformed(format!(
+            "character U+{:04X} is not allowed in XML 1.0",
+            c as u32
+        )));
     }
     parse_with(doc, true)
 }
@@ -135,12 +140,16 @@ fn parse_with(doc: &str, strict: bool) -> Result<Element, XmlError> {
             XmlEvent::Text(text) => {
                 let text = text.xml10_content();
                 if strict && text.contains("]]>") {
-                    return Err(XmlError::Malformed("']]>' in text (an unsplit CDATA end?)".into()));
+                    return Err(XmlError::Malformed(
+                        "']]>' in text (an unsplit CDATA end?)".into(),
+                    ));
                 }
                 match stack.last_mut() {
                     Some(b) => b.text(&text),
                     None if is_xml_space(&text) => {}
-                    None => return Err(XmlError::Malformed("text outside the root element".into())),
+                    None => {
+                        return Err(XmlError::Malformed("text outside the root element".into()));
+                    }
                 }
             }
             XmlEvent::GeneralRef(r) => {
@@ -154,7 +163,9 @@ fn parse_with(doc: &str, strict: bool) -> Result<Element, XmlError> {
                 };
                 match stack.last_mut() {
                     Some(b) => b.text(&ch),
-                    None => return Err(XmlError::Malformed("text outside the root element".into())),
+                    None => {
+                        return Err(XmlError::Malformed("text outside the root element".into()));
+                    }
                 }
             }
             XmlEvent::CData(cdata) => match stack.last_mut() {
@@ -257,8 +268,11 @@ pub fn is_xml_char(c: char) -> bool {
 /// forbids are dropped first, so that none can hide a `]]>` (as in `]]\u{1}>`); then
 /// each `]]>` is split as `]]]]><![CDATA[>`.
 pub fn push_cdata(out: &mut String, s: &str) {
-    let clean: std::borrow::Cow<'_, str> =
-        if s.chars().all(is_xml_char) { s.into() } else { s.chars().filter(|&c| is_xml_char(c)).collect::<String>().into() };
+    let clean: std::borrow::Cow<'_, str> = if s.chars().all(is_xml_char) {
+        s.into()
+    } else {
+        s.chars().filter(|&c| is_xml_char(c)).collect::<String>().into()
+    };
     out.push_str("<![CDATA[");
     let mut rest = &*clean;
     while let Some(at) = rest.find("]]>") {
@@ -306,8 +320,9 @@ mod tests {
 
     #[test]
     fn cdata_and_text_follow_the_leaf_rules() {
-        let el = parse("<xml>\r\n<A> <![CDATA[ x\r\ny ]]> </A><B>  7 </B><C/><D><![CDATA[]]></D></xml>")
-            .unwrap();
+        let el =
+            parse("<xml>\r\n<A> <![CDATA[ x\r\ny ]]> </A><B>  7 </B><C/><D><![CDATA[]]></D></xml>")
+                .unwrap();
         assert_eq!(el.child("A").unwrap().text, " x\ny ");
         assert_eq!(el.child("B").unwrap().text, "7");
         assert_eq!(el.text_of("C"), None);
@@ -316,15 +331,17 @@ mod tests {
 
     #[test]
     fn split_cdata_is_joined_and_entities_inside_cdata_are_literal() {
-        let el = parse("<xml><C><![CDATA[x]]]]><![CDATA[>y &amp;]]></C><T>a &amp; &#x4e2d;</T></xml>")
-            .unwrap();
+        let el =
+            parse("<xml><C><![CDATA[x]]]]><![CDATA[>y &amp;]]></C><T>a &amp; &#x4e2d;</T></xml>")
+                .unwrap();
         assert_eq!(el.child("C").unwrap().text, "x]]>y &amp;");
         assert_eq!(el.child("T").unwrap().text, "a & 中");
     }
 
     #[test]
     fn doctype_and_unknown_entities_are_refused() {
-        let bomb = r#"<!DOCTYPE xml [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;">]><xml><C>&b;</C></xml>"#;
+        let bomb =
+            r#"<!DOCTYPE xml [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;">]><xml><C>&b;</C></xml>"#;
         assert_eq!(parse(bomb), Err(XmlError::Doctype));
         assert!(matches!(parse("<xml><C>&xxe;</C></xml>"), Err(XmlError::UnknownEntity)));
     }
@@ -337,7 +354,9 @@ mod tests {
 
     #[test]
     fn malformed_documents_are_refused() {
-        for doc in ["", "hello", "<xml><a></xml>", "<xml>", "<xml></xml><xml></xml>", "<xml></xml>tail"] {
+        for doc in
+            ["", "hello", "<xml><a></xml>", "<xml>", "<xml></xml><xml></xml>", "<xml></xml>tail"]
+        {
             assert!(parse(doc).is_err(), "{doc:?} should be refused");
         }
     }
@@ -370,7 +389,8 @@ mod tests {
         for hostile in ["a]]\u{1}>b", "]]\u{1d}>", "x]\u{2}]>y", "]\u{0}]\u{0}>"] {
             let mut out = String::new();
             push_cdata(&mut out, hostile);
-            let back = parse_strict(&format!("<x>{out}</x>")).unwrap_or_else(|e| panic!("{hostile:?} -> {out}: {e}"));
+            let back = parse_strict(&format!("<x>{out}</x>"))
+                .unwrap_or_else(|e| panic!("{hostile:?} -> {out}: {e}"));
             assert_eq!(back.text, hostile.chars().filter(|&c| is_xml_char(c)).collect::<String>());
         }
     }

@@ -59,11 +59,19 @@ fn decrypt_vectors() {
         );
         let (msg, trailer) = key.decrypt(encrypt).unwrap();
         assert_eq!(msg, s(v, "expected_plaintext"), "{name}");
-        assert_eq!(msg.len().to_string(), v["expected_msg_len"].to_string().trim_matches('"'), "{name}");
+        assert_eq!(
+            msg.len().to_string(),
+            v["expected_msg_len"].to_string().trim_matches('"'),
+            "{name}"
+        );
         assert_eq!(trailer, s(v, "expected_trailing_id").as_bytes(), "{name}");
         assert_eq!(key.open(encrypt, s(v, "appid_or_receive_id")).unwrap(), msg);
         // Sealing again with the prefix the vector used gives back the same ciphertext.
-        let again = key.seal_with(&msg, s(v, "expected_trailing_id"), random16(s(v, "expected_random16_hex")));
+        let again = key.seal_with(
+            &msg,
+            s(v, "expected_trailing_id"),
+            random16(s(v, "expected_random16_hex")),
+        );
         assert_eq!(again, encrypt, "{name}");
     }
 }
@@ -95,7 +103,10 @@ fn full_exchange_vectors() {
 
         let outer = wxgate_protocol::xml::parse(s(&v["request"], "body")).unwrap();
         let encrypt = outer.text_of("Encrypt").unwrap();
-        assert!(verify(s(q, "msg_signature"), &[s(cfg, "token"), s(q, "timestamp"), s(q, "nonce"), encrypt]));
+        assert!(verify(
+            s(q, "msg_signature"),
+            &[s(cfg, "token"), s(q, "timestamp"), s(q, "nonce"), encrypt]
+        ));
         let inner = key.open(encrypt, s(cfg, "appid")).unwrap();
         assert_eq!(inner, s(v, "expected_decrypted_xml"));
 
@@ -104,14 +115,20 @@ fn full_exchange_vectors() {
         assert_eq!(push.msg_type, s(expect, "MsgType"));
         assert_eq!(push.event_key(), Some(s(expect, "EventKey")));
         assert_eq!(push.scene(), Some(s(expect, "scene")));
-        assert!(matches!(&push.kind, Kind::Event(Event::Subscribe { ticket: Some(t), .. }) if t == s(expect, "Ticket")));
+        assert!(
+            matches!(&push.kind, Kind::Event(Event::Subscribe { ticket: Some(t), .. }) if t == s(expect, "Ticket"))
+        );
 
         let r = &v["reply"];
-        let encrypt = key.seal_with(s(r, "plaintext"), s(cfg, "appid"), random16(s(r, "random16_hex")));
+        let encrypt =
+            key.seal_with(s(r, "plaintext"), s(cfg, "appid"), random16(s(r, "random16_hex")));
         assert_eq!(encrypt, s(r, "expected_encrypt"));
         let sig = msg_signature(s(cfg, "token"), s(r, "timestamp"), s(r, "nonce"), &encrypt);
         assert_eq!(sig, s(r, "expected_msg_signature"));
-        assert_eq!(envelope(&encrypt, &sig, s(r, "timestamp").parse().unwrap(), s(r, "nonce")), s(r, "expected_body"));
+        assert_eq!(
+            envelope(&encrypt, &sig, s(r, "timestamp").parse().unwrap(), s(r, "nonce")),
+            s(r, "expected_body")
+        );
     }
 }
 
@@ -133,7 +150,10 @@ fn negative_vectors() {
             "invalid-pkcs7-padding" => CryptoError::Padding,
             "ciphertext-not-multiple-of-16" => CryptoError::BlockLength(40),
             "msg-len-exceeds-buffer" => {
-                assert!(matches!(err, CryptoError::Length { declared: 10000, .. }), "{name}: {err:?}");
+                assert!(
+                    matches!(err, CryptoError::Length { declared: 10000, .. }),
+                    "{name}: {err:?}"
+                );
                 continue;
             }
             other => panic!("negative vector {other} has no expectation here"),

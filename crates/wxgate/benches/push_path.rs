@@ -17,11 +17,28 @@ fn per_push(c: &mut Criterion) {
     let account = &config.accounts[0];
     let token = account.tokens[0].expose().to_owned();
     let key = EncodingAesKey::parse("Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ").unwrap();
-    let wechat = sim::Account { token: token.clone(), app_id: account.app_id.clone(), aes_key: Some(key.clone()), original_id: "gh_3a9f1c2b7d10".into() };
+    let wechat = sim::Account {
+        token: token.clone(),
+        app_id: account.app_id.clone(),
+        aes_key: Some(key.clone()),
+        original_id: "gh_3a9f1c2b7d10".into(),
+    };
 
-    let text = compose::text("gh_3a9f1c2b7d10", "oQAheld0utUserA0000000000001", 1733300000, "hello 你好", 24601000000000001);
+    let text = compose::text(
+        "gh_3a9f1c2b7d10",
+        "oQAheld0utUserA0000000000001",
+        1733300000,
+        "hello 你好",
+        24601000000000001,
+    );
     let plain = wechat.deliver_at(&text, Mode::Plain, "1733300000", "1134486126");
-    let subscribe = compose::event("gh_3a9f1c2b7d10", "oQAheld0utUserA0000000000001", 1733300000, "subscribe", &[("EventKey", "qrscene_spring_poster"), ("Ticket", "T")]);
+    let subscribe = compose::event(
+        "gh_3a9f1c2b7d10",
+        "oQAheld0utUserA0000000000001",
+        1733300000,
+        "subscribe",
+        &[("EventKey", "qrscene_spring_poster"), ("Ticket", "T")],
+    );
     let safe = wechat.deliver_at(&subscribe, Mode::Safe, "1733300000", "1134486126");
     let safe_sig = safe.query.split("msg_signature=").nth(1).unwrap().to_owned();
 
@@ -31,7 +48,10 @@ fn per_push(c: &mut Criterion) {
             assert!(!signature::verify("0", &[&token, "1733300000", "1134486126"]));
             let push = Push::parse(black_box(&plain.body)).unwrap();
             let _key = push.dedup_key();
-            let wxgate::rules::Action::Reply(reply) = wxgate::rules::answer(&account.rules, &push) else { unreachable!() };
+            let wxgate::rules::Action::Reply(reply) = wxgate::rules::answer(&account.rules, &push)
+            else {
+                unreachable!()
+            };
             let out = reply.to_xml(&push.from, &push.to, 1733300001, max_articles(&push)).unwrap();
             let fields = serde_json::Value::Object(wxgate::fields::of_push(&push)).to_string();
             black_box((out, fields))
@@ -45,7 +65,10 @@ fn per_push(c: &mut Criterion) {
             let inner = key.open(encrypt, &account.app_id).unwrap();
             let push = Push::parse(&inner).unwrap();
             let _key = push.dedup_key();
-            let wxgate::rules::Action::Reply(reply) = wxgate::rules::answer(&account.rules, &push) else { unreachable!() };
+            let wxgate::rules::Action::Reply(reply) = wxgate::rules::answer(&account.rules, &push)
+            else {
+                unreachable!()
+            };
             let out = reply.to_xml(&push.from, &push.to, 1733300001, max_articles(&push)).unwrap();
             let sealed = key.seal(&out, &account.app_id);
             let sig = signature::msg_signature(&token, "1733300001", "42", &sealed);
@@ -56,11 +79,22 @@ fn per_push(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("pieces");
-    g.bench_function("url_signature_verify", |b| b.iter(|| signature::verify(black_box("16120ec1b8dbb870f510d87ce6bc2463eae6ca1a"), &["spamtest", "1409735669", "1320562132"])));
+    g.bench_function("url_signature_verify", |b| {
+        b.iter(|| {
+            signature::verify(
+                black_box("16120ec1b8dbb870f510d87ce6bc2463eae6ca1a"),
+                &["spamtest", "1409735669", "1320562132"],
+            )
+        })
+    });
     g.bench_function("parse_text_push", |b| b.iter(|| Push::parse(black_box(&text)).unwrap()));
     let sealed = key.seal(&text, &account.app_id);
-    g.bench_function("decrypt_text_push", |b| b.iter(|| key.open(black_box(&sealed), &account.app_id).unwrap()));
-    g.bench_function("encrypt_text_reply", |b| b.iter(|| key.seal(black_box(&text), &account.app_id)));
+    g.bench_function("decrypt_text_push", |b| {
+        b.iter(|| key.open(black_box(&sealed), &account.app_id).unwrap())
+    });
+    g.bench_function("encrypt_text_reply", |b| {
+        b.iter(|| key.seal(black_box(&text), &account.app_id))
+    });
     g.finish();
 }
 

@@ -23,7 +23,9 @@ async fn main() {
                 let _ = req.into_body().collect().await;
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(REPLY.as_bytes()))))
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

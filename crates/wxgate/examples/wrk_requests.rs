@@ -18,7 +18,9 @@ fn main() {
     let wechat = Account {
         token: "qaHeldoutTok2024".into(),
         app_id: "wx7c1f0e2a9b3d4e5f".into(),
-        aes_key: Some(EncodingAesKey::parse("Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ").unwrap()),
+        aes_key: Some(
+            EncodingAesKey::parse("Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ").unwrap(),
+        ),
         original_id: "gh_3a9f1c2b7d10".into(),
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -27,8 +29,20 @@ fn main() {
         // Plaintext: a text message answered by a text reply. Safe: a QR-scene subscribe
         // answered by an encrypted text reply. Every push distinct.
         let push = match mode {
-            Mode::Plain => compose::text("gh_3a9f1c2b7d10", &follower, 1_733_300_000 + n / 50_000, &format!("bench message {n}"), 10_000_000_000 + n),
-            _ => compose::event("gh_3a9f1c2b7d10", &follower, 1_733_300_000 + n / 50_000, "subscribe", &[("EventKey", "qrscene_spring_poster"), ("Ticket", "T")]),
+            Mode::Plain => compose::text(
+                "gh_3a9f1c2b7d10",
+                &follower,
+                1_733_300_000 + n / 50_000,
+                &format!("bench message {n}"),
+                10_000_000_000 + n,
+            ),
+            _ => compose::event(
+                "gh_3a9f1c2b7d10",
+                &follower,
+                1_733_300_000 + n / 50_000,
+                "subscribe",
+                &[("EventKey", "qrscene_spring_poster"), ("Ticket", "T")],
+            ),
         };
         let d = wechat.deliver_at(&push, mode, "1733300000", &n.to_string());
         use std::io::Write;

@@ -81,10 +81,16 @@ pub struct Network {
 impl Network {
     pub fn parse(s: &str) -> Result<Network, String> {
         let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
-        let addr: std::net::IpAddr = addr.trim().parse().map_err(|_| format!("{s:?} is not an IP address or network"))?;
+        let addr: std::net::IpAddr =
+            addr.trim().parse().map_err(|_| format!("{s:?} is not an IP address or network"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
             None => max,
         };
         Ok(Network { addr, prefix })
@@ -103,7 +109,9 @@ impl Network {
             shift >= width || (a >> shift) == (b >> shift)
         };
         match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => same(u32::from(net).into(), u32::from(ip).into(), 32),
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                same(u32::from(net).into(), u32::from(ip).into(), 32)
+            }
             (IpAddr::V6(net), IpAddr::V6(ip)) => same(net.into(), ip.into(), 128),
             _ => false,
         }
@@ -270,11 +278,13 @@ impl Config {
     /// Reads and checks a configuration file. Relative `data_dir`s are taken from the
     /// file's folder, so the server finds its data whatever the working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
         let mut config = Config::parse(&text)?;
         if config.data_dir.is_relative() {
-            let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let base =
+                path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             config.data_dir = base.join(&config.data_dir);
         }
         Ok(config)
@@ -291,7 +301,9 @@ impl Config {
             None => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
         let metrics_listen = match file.metrics_listen {
-            Some(l) => Some(l.parse().map_err(|e| ConfigError::new("metrics_listen", format!("{e}: {l:?}")))?),
+            Some(l) => Some(
+                l.parse().map_err(|e| ConfigError::new("metrics_listen", format!("{e}: {l:?}")))?,
+            ),
             None => None,
         };
         if file.accounts.is_empty() {
@@ -303,10 +315,16 @@ impl Config {
         for (i, a) in file.accounts.into_iter().enumerate() {
             let account = Account::check(a, &format!("accounts[{i}]"))?;
             if !names.insert(account.name.clone()) {
-                return Err(ConfigError::new(format!("accounts[{i}].name"), "another account has this name"));
+                return Err(ConfigError::new(
+                    format!("accounts[{i}].name"),
+                    "another account has this name",
+                ));
             }
             if !paths.insert(account.path.clone()) {
-                return Err(ConfigError::new(format!("accounts[{i}].path"), "another account serves this path"));
+                return Err(ConfigError::new(
+                    format!("accounts[{i}].path"),
+                    "another account serves this path",
+                ));
             }
             accounts.push(account);
         }
@@ -330,13 +348,19 @@ impl Config {
         };
         let r = file.retention;
         let retention = Retention {
-            default: r.default_days.filter(|d| *d != 0.0).map(|d| days("retention.default_days".into(), d)).transpose()?,
+            default: r
+                .default_days
+                .filter(|d| *d != 0.0)
+                .map(|d| days("retention.default_days".into(), d))
+                .transpose()?,
             kinds: r
                 .kinds
                 .into_iter()
                 .map(|(kind, d)| Ok((kind.clone(), days(format!("retention.kinds.{kind}"), d)?)))
                 .collect::<Result<_, ConfigError>>()?,
-            interval: Duration::from_secs_f64(r.purge_interval_secs.unwrap_or(3600.0).clamp(0.01, 86_400.0)),
+            interval: Duration::from_secs_f64(
+                r.purge_interval_secs.unwrap_or(3600.0).clamp(0.01, 86_400.0),
+            ),
         };
         let h = file.http;
         let http = HttpConfig {
@@ -348,7 +372,9 @@ impl Config {
             .allow_from
             .iter()
             .enumerate()
-            .map(|(i, n)| Network::parse(n).map_err(|e| ConfigError::new(format!("allow_from[{i}]"), e)))
+            .map(|(i, n)| {
+                Network::parse(n).map_err(|e| ConfigError::new(format!("allow_from[{i}]"), e))
+            })
             .collect::<Result<_, _>>()?;
         Ok(Config {
             listen,
@@ -373,11 +399,19 @@ impl Config {
 impl Account {
     fn check(a: FileAccount, at: &str) -> Result<Account, ConfigError> {
         let field = |name: &str| format!("{at}.{name}");
-        if a.name.is_empty() || !a.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            return Err(ConfigError::new(field("name"), "use letters, digits, '_' or '-' (not empty)"));
+        if a.name.is_empty()
+            || !a.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::new(
+                field("name"),
+                "use letters, digits, '_' or '-' (not empty)",
+            ));
         }
         if !a.path.starts_with('/') || a.path.contains(['?', '#', ' ']) {
-            return Err(ConfigError::new(field("path"), format!("must be a URL path starting with '/', got {:?}", a.path)));
+            return Err(ConfigError::new(
+                field("path"),
+                format!("must be a URL path starting with '/', got {:?}", a.path),
+            ));
         }
         let app_id = expand(&a.app_id, &field("app_id"))?;
         if app_id.is_empty() {
@@ -389,14 +423,21 @@ impl Account {
             tokens.push(token(prev, &field("previous_token"))?);
         }
         let mut aes_keys = Vec::new();
-        for (name, value) in [("encoding_aes_key", &a.encoding_aes_key), ("previous_encoding_aes_key", &a.previous_encoding_aes_key)] {
+        for (name, value) in [
+            ("encoding_aes_key", &a.encoding_aes_key),
+            ("previous_encoding_aes_key", &a.previous_encoding_aes_key),
+        ] {
             if let Some(v) = value {
                 let v = expand(v, &field(name))?;
-                aes_keys.push(EncodingAesKey::parse(&v).map_err(|e| ConfigError::new(field(name), e))?);
+                aes_keys
+                    .push(EncodingAesKey::parse(&v).map_err(|e| ConfigError::new(field(name), e))?);
             }
         }
         if a.previous_encoding_aes_key.is_some() && a.encoding_aes_key.is_none() {
-            return Err(ConfigError::new(field("previous_encoding_aes_key"), "needs encoding_aes_key as well"));
+            return Err(ConfigError::new(
+                field("previous_encoding_aes_key"),
+                "needs encoding_aes_key as well",
+            ));
         }
         let require_encryption = a.require_encryption.unwrap_or(false);
         if require_encryption && aes_keys.is_empty() {
@@ -404,7 +445,10 @@ impl Account {
         }
         let max_body_bytes = a.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
         if !(1024..=16 << 20).contains(&max_body_bytes) {
-            return Err(ConfigError::new(field("max_body_bytes"), "must be between 1024 and 16777216"));
+            return Err(ConfigError::new(
+                field("max_body_bytes"),
+                "must be between 1024 and 16777216",
+            ));
         }
         let rules: Vec<Rule> = a
             .rules
@@ -415,27 +459,45 @@ impl Account {
 
         let reply_budget = Duration::from_millis(a.reply_budget_ms.unwrap_or(4000));
         if !(Duration::from_millis(50)..=Duration::from_millis(4900)).contains(&reply_budget) {
-            return Err(ConfigError::new(field("reply_budget_ms"), "must be between 50 and 4900 (WeChat waits 5 s)"));
+            return Err(ConfigError::new(
+                field("reply_budget_ms"),
+                "must be between 50 and 4900 (WeChat waits 5 s)",
+            ));
         }
-        let app_secret = a.app_secret.as_deref().map(|s| token(s, &field("app_secret"))).transpose()?;
-        let forward_secret = a.forward_secret.as_deref().map(|s| token(s, &field("forward_secret"))).transpose()?;
+        let app_secret =
+            a.app_secret.as_deref().map(|s| token(s, &field("app_secret"))).transpose()?;
+        let forward_secret =
+            a.forward_secret.as_deref().map(|s| token(s, &field("forward_secret"))).transpose()?;
         if forward_secret.is_none() && rules.iter().any(Rule::forwards) {
-            return Err(ConfigError::new(field("forward_secret"), "needed to sign forwards: a rule forwards to the owner's service"));
+            return Err(ConfigError::new(
+                field("forward_secret"),
+                "needed to sign forwards: a rule forwards to the owner's service",
+            ));
         }
         let late_reply = match a.late_reply.as_deref() {
             None if app_secret.is_some() => LateReply::CustomerService,
             None => LateReply::HoldForRetry,
             Some("customer_service") if app_secret.is_none() => {
-                return Err(ConfigError::new(field("late_reply"), "customer_service needs app_secret"));
+                return Err(ConfigError::new(
+                    field("late_reply"),
+                    "customer_service needs app_secret",
+                ));
             }
             Some("customer_service") => LateReply::CustomerService,
             Some("hold_for_retry") => LateReply::HoldForRetry,
             Some("drop") => LateReply::Drop,
             Some(other) => {
-                return Err(ConfigError::new(field("late_reply"), format!("use customer_service, hold_for_retry or drop, not {other:?}")));
+                return Err(ConfigError::new(
+                    field("late_reply"),
+                    format!("use customer_service, hold_for_retry or drop, not {other:?}"),
+                ));
             }
         };
-        let api_base = a.api_base.unwrap_or_else(|| "https://api.weixin.qq.com".into()).trim_end_matches('/').to_owned();
+        let api_base = a
+            .api_base
+            .unwrap_or_else(|| "https://api.weixin.qq.com".into())
+            .trim_end_matches('/')
+            .to_owned();
         if !api_base.starts_with("http://") && !api_base.starts_with("https://") {
             return Err(ConfigError::new(field("api_base"), "must start with http:// or https://"));
         }
@@ -526,13 +588,19 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
         assert!(err(&BASE.replace("token =", "tokn =")).contains("unknown field `tokn`"));
         assert!(err(&format!("{BASE}\n[[accounts.rules]]\nwhen = {{ content_regex = \"(\" }}\nreply = {{ text = \"x\" }}"))
             .starts_with("accounts[0].rules[0].when.content_regex:"));
-        assert_eq!(err(&format!("{BASE}{BASE}")), "accounts[1].name: another account has this name");
+        assert_eq!(
+            err(&format!("{BASE}{BASE}")),
+            "accounts[1].name: another account has this name"
+        );
         assert_eq!(err("listen = \"nope\""), "listen: invalid socket address syntax: \"nope\"");
     }
 
     #[test]
     fn shipped_configs_are_valid() {
-        for text in [include_str!("../../../wxgate.toml"), include_str!("../../../config/wxgate.example.toml")] {
+        for text in [
+            include_str!("../../../wxgate.toml"),
+            include_str!("../../../config/wxgate.example.toml"),
+        ] {
             Config::parse(text).unwrap();
         }
     }
@@ -549,14 +617,23 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
         assert!(!Network::parse("::1").unwrap().contains("127.0.0.1".parse().unwrap()));
         assert!(Network::parse("fe80::/10").unwrap().contains("fe80::1".parse().unwrap()));
         assert!(Network::parse("10.0.0.0/33").is_err());
-        assert_eq!(err(&format!("allow_from = [\"nope\"]\n{BASE}")), "allow_from[0]: \"nope\" is not an IP address or network");
+        assert_eq!(
+            err(&format!("allow_from = [\"nope\"]\n{BASE}")),
+            "allow_from[0]: \"nope\" is not an IP address or network"
+        );
     }
 
     #[test]
     fn secrets_come_from_the_environment() {
         let text = BASE.replace("\"qaHeldoutTok2024\"", "\"${WXGATE_TEST_TOKEN_UNSET}\"");
-        assert_eq!(err(&text), "accounts[0].token: environment variable WXGATE_TEST_TOKEN_UNSET is not set");
+        assert_eq!(
+            err(&text),
+            "accounts[0].token: environment variable WXGATE_TEST_TOKEN_UNSET is not set"
+        );
         let text = BASE.replace("\"qaHeldoutTok2024\"", "\"${PATH}\"");
-        assert_eq!(Config::parse(&text).unwrap().accounts[0].tokens[0].expose(), std::env::var("PATH").unwrap());
+        assert_eq!(
+            Config::parse(&text).unwrap().accounts[0].tokens[0].expose(),
+            std::env::var("PATH").unwrap()
+        );
     }
 }

@@ -82,7 +82,9 @@ impl Dedup {
         let now = Instant::now();
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         match shard.map.get(key) {
-            Some(Entry::InFlight(rx, joins)) => return Claim::InFlight(rx.clone(), joins.fetch_add(1, Ordering::Relaxed) + 1),
+            Some(Entry::InFlight(rx, joins)) => {
+                return Claim::InFlight(rx.clone(), joins.fetch_add(1, Ordering::Relaxed) + 1);
+            }
             Some(Entry::Done(answer, at)) if now.duration_since(*at) < self.window => {
                 return Claim::Done(answer.clone());
             }
@@ -109,7 +111,8 @@ impl Dedup {
         shard.order.push_back((now, key));
         // Expire from the front: old entries, then the oldest beyond the cap.
         while let Some((at, front)) = shard.order.front() {
-            let expired = now.duration_since(*at) >= self.window || shard.order.len() > self.cap_per_shard;
+            let expired =
+                now.duration_since(*at) >= self.window || shard.order.len() > self.cap_per_shard;
             if !expired {
                 break;
             }

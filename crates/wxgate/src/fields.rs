@@ -10,9 +10,9 @@
 //! (pictures were seen as several `<PicList>` of one item each).
 
 use serde_json::{Map, Value};
+use wxgate_protocol::Push;
 use wxgate_protocol::push::{Event, Kind};
 use wxgate_protocol::xml::Element;
-use wxgate_protocol::Push;
 
 const LIST_CONTAINERS: &[&str] = &["PicList", "ResultList", "Articles"];
 const ALWAYS_LISTS: &[&str] = &["item", "List", "fail_idx"];
@@ -54,7 +54,9 @@ pub fn object(el: &Element) -> Map<String, Value> {
             None => {
                 map.insert(child.name.clone(), value);
             }
-            Some(Value::Array(existing)) if list_like || ALWAYS_LISTS.contains(&child.name.as_str()) => {
+            Some(Value::Array(existing))
+                if list_like || ALWAYS_LISTS.contains(&child.name.as_str()) =>
+            {
                 match value {
                     Value::Array(more) if list_like => existing.extend(more),
                     v => existing.push(v),
@@ -99,7 +101,10 @@ mod tests {
         let v = Value::Object(of_push(&push));
         assert_eq!(v["Event"], "pic_weixin");
         assert_eq!(v["SendPicsInfo"]["Count"], "2");
-        assert_eq!(v["SendPicsInfo"]["PicList"], serde_json::json!([{"PicMd5Sum": "a"}, {"PicMd5Sum": "b"}]));
+        assert_eq!(
+            v["SendPicsInfo"]["PicList"],
+            serde_json::json!([{"PicMd5Sum": "a"}, {"PicMd5Sum": "b"}])
+        );
         assert_eq!(v["SendPicsInfo"]["PicMd5Sums"], serde_json::json!(["a", "b"]));
         assert_eq!(v["kind"], "pictures_event");
     }

@@ -38,7 +38,13 @@ pub enum ForwardError {
 }
 
 /// The JSON form of a push, as the owner's service receives it.
-pub fn payload(account: &str, dedup_key: &str, push: &Push, doc: &str, deadline_unix_ms: Option<i64>) -> String {
+pub fn payload(
+    account: &str,
+    dedup_key: &str,
+    push: &Push,
+    doc: &str,
+    deadline_unix_ms: Option<i64>,
+) -> String {
     json!({
         "account": account,
         "dedup_key": dedup_key,
@@ -58,7 +64,8 @@ pub fn payload(account: &str, dedup_key: &str, push: &Push, doc: &str, deadline_
 
 /// The signature header value of a body sent at `timestamp`.
 pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes any key length");
     mac.update(timestamp.as_bytes());
     mac.update(b".");
     mac.update(body);
@@ -66,7 +73,14 @@ pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
 }
 
 /// Posts a payload and reads the reply the service answers.
-pub async fn call(client: &Client, url: &str, secret: &Secret, dedup_key: &str, payload: &str, timeout: Duration) -> Result<Reply, ForwardError> {
+pub async fn call(
+    client: &Client,
+    url: &str,
+    secret: &Secret,
+    dedup_key: &str,
+    payload: &str,
+    timeout: Duration,
+) -> Result<Reply, ForwardError> {
     let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()).to_string();
     let signature = sign(secret.expose(), &ts, payload.as_bytes());
     let headers = [
@@ -81,7 +95,10 @@ pub async fn call(client: &Client, url: &str, secret: &Secret, dedup_key: &str, 
         .map_err(ForwardError::Transport)?;
     match answer.status {
         200 | 204 => rules::literal_reply(&answer.body).map_err(ForwardError::Answer),
-        status => Err(ForwardError::Status { status, body: String::from_utf8_lossy(&answer.body).chars().take(200).collect() }),
+        status => Err(ForwardError::Status {
+            status,
+            body: String::from_utf8_lossy(&answer.body).chars().take(200).collect(),
+        }),
     }
 }
 

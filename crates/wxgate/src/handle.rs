@@ -39,28 +39,52 @@ const WECHAT_DEADLINE: Duration = Duration::from_secs(5);
 
 impl AccountState {
     /// De-duplicates, answers and records a typed push.
-    pub(crate) async fn handle(self: &Arc<Self>, push: &Push, doc: &str, encrypted: bool, started: Instant) -> Result<(Outcome, Answer, &'static str), Rejection> {
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        push: &Push,
+        doc: &str,
+        encrypted: bool,
+        started: Instant,
+    ) -> Result<(Outcome, Answer, &'static str), Rejection> {
         let kind = push.kind_name();
         let key = push.dedup_key();
         let (outcome, answer) = match rules::answer(&self.account.rules, push) {
             Action::Reply(reply) => {
                 let xml = self.render(push, &reply);
-                self.once(&key, started, || self.record(push, doc, encrypted, &key, xml, Status::Answered, None)).await?
+                self.once(&key, started, || {
+                    self.record(push, doc, encrypted, &key, xml, Status::Answered, None)
+                })
+                .await?
             }
             Action::Forward { url, background } if background || !can_reply(push) => {
-                let outbox = OutboxEntry { url, payload: forward::payload(&self.account.name, &key, push, doc, None) };
-                self.once(&key, started, || self.record(push, doc, encrypted, &key, None, Status::Answered, Some(outbox))).await?
+                let outbox = OutboxEntry {
+                    url,
+                    payload: forward::payload(&self.account.name, &key, push, doc, None),
+                };
+                self.once(&key, started, || {
+                    self.record(push, doc, encrypted, &key, None, Status::Answered, Some(outbox))
+                })
+                .await?
             }
-            Action::Forward { url, .. } => self.forward_in_time(push, doc, encrypted, &key, &url, started).await?,
+            Action::Forward { url, .. } => {
+                self.forward_in_time(push, doc, encrypted, &key, &url, started).await?
+            }
         };
-        if let (Outcome::Handled, Kind::Event(Event::UserAuthorization { event, open_id, .. })) = (outcome, &push.kind) {
+        if let (Outcome::Handled, Kind::Event(Event::UserAuthorization { event, open_id, .. })) =
+            (outcome, &push.kind)
+        {
             // The follower withdrew their data: delete what we hold of them.
             if event.eq_ignore_ascii_case("user_authorization_revoke") && !open_id.is_empty() {
-                let (store, account, openid) = (self.store.clone(), self.account.name.clone(), open_id.clone());
+                let (store, account, openid) =
+                    (self.store.clone(), self.account.name.clone(), open_id.clone());
                 tokio::spawn(async move {
                     match store.forget(&account, &openid).await {
-                        Ok(n) => info!(account = %account, records = n, "follower's records deleted on authorization revoke"),
-                        Err(e) => warn!(account = %account, error = %e, "follower's records not deleted"),
+                        Ok(n) => {
+                            info!(account = %account, records = n, "follower's records deleted on authorization revoke")
+                        }
+                        Err(e) => {
+                            warn!(account = %account, error = %e, "follower's records not deleted")
+                        }
                     }
                 });
             }
@@ -69,7 +93,13 @@ impl AccountState {
     }
 
     /// Records an authentic push that could not be understood; it is answered `success`.
-    pub(crate) async fn dead_letter(&self, doc: &str, encrypted: bool, e: &PushError, started: Instant) -> Result<(Outcome, Answer, &'static str), Rejection> {
+    pub(crate) async fn dead_letter(
+        &self,
+        doc: &str,
+        encrypted: bool,
+        e: &PushError,
+        started: Instant,
+    ) -> Result<(Outcome, Answer, &'static str), Rejection> {
         debug!(account = %self.account.name, error = %e, "push kept as dead letter");
         let key = format!("dead:{}", hex::encode(sha1_digest(doc.as_bytes())));
         let fields = xml::parse(doc).map(|root| fields::object(&root)).unwrap_or_default();
@@ -86,7 +116,8 @@ impl AccountState {
             ..NewRecord::default()
         };
         let (outcome, answer) = self.once(&key, started, make).await?;
-        let outcome = if matches!(outcome, Outcome::Handled) { Outcome::DeadLetter } else { outcome };
+        let outcome =
+            if matches!(outcome, Outcome::Handled) { Outcome::DeadLetter } else { outcome };
         Ok((outcome, answer, "dead_letter"))
     }
 
@@ -101,7 +132,16 @@ impl AccountState {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn record(&self, push: &Push, doc: &str, encrypted: bool, key: &str, reply: Option<String>, status: Status, outbox: Option<OutboxEntry>) -> NewRecord {
+    fn record(
+        &self,
+        push: &Push,
+        doc: &str,
+        encrypted: bool,
+        key: &str,
+        reply: Option<String>,
+        status: Status,
+        outbox: Option<OutboxEntry>,
+    ) -> NewRecord {
         NewRecord {
             account: self.account.name.clone(),
             dedup_key: key.to_owned(),
@@ -129,7 +169,12 @@ impl AccountState {
 
     /// Stores `make`'s record at most once per key, joining a delivery in flight or
     /// reusing a recorded answer.
-    async fn once(&self, key: &str, started: Instant, make: impl FnOnce() -> NewRecord) -> Result<(Outcome, Answer), Rejection> {
+    async fn once(
+        &self,
+        key: &str,
+        started: Instant,
+        make: impl FnOnce() -> NewRecord,
+    ) -> Result<(Outcome, Answer), Rejection> {
         let full = self.full_key(key);
         let deadline = started + self.account.reply_budget;
         let mut make = Some(make);
@@ -166,7 +211,15 @@ impl AccountState {
 
     /// Forwards the push and answers with the service's reply if it comes within the
     /// budget; see the module doc for what happens when it does not.
-    async fn forward_in_time(self: &Arc<Self>, push: &Push, doc: &str, encrypted: bool, key: &str, url: &str, started: Instant) -> Result<(Outcome, Answer), Rejection> {
+    async fn forward_in_time(
+        self: &Arc<Self>,
+        push: &Push,
+        doc: &str,
+        encrypted: bool,
+        key: &str,
+        url: &str,
+        started: Instant,
+    ) -> Result<(Outcome, Answer), Rejection> {
         let full = self.full_key(key);
         let deadline = started + self.account.reply_budget;
         loop {
@@ -185,10 +238,13 @@ impl AccountState {
                 }
                 Claim::New(guard) => {
                     // Durable first: the push is kept even if the service never answers.
-                    let record = self.record(push, doc, encrypted, key, None, Status::Forwarding, None);
+                    let record =
+                        self.record(push, doc, encrypted, key, None, Status::Forwarding, None);
                     // New, or an earlier forward failed or was cut short by a restart:
                     // forward (again). Answered before: that answer.
-                    if let Inserted::Existing { status: Status::Answered | Status::Late, reply } = self.store.insert(record).await? {
+                    if let Inserted::Existing { status: Status::Answered | Status::Late, reply } =
+                        self.store.insert(record).await?
+                    {
                         let answer = Answer { reply: reply.map(Arc::from) };
                         guard.finish(answer.clone());
                         return Ok((Outcome::Duplicate, answer));
@@ -198,7 +254,13 @@ impl AccountState {
                         state: self.clone(),
                         url: url.to_owned(),
                         key: key.to_owned(),
-                        payload: forward::payload(&self.account.name, key, push, doc, Some(epoch_ms(deadline))),
+                        payload: forward::payload(
+                            &self.account.name,
+                            key,
+                            push,
+                            doc,
+                            Some(epoch_ms(deadline)),
+                        ),
                         from: push.from.clone(),
                         to: push.to.clone(),
                         max_articles: reply::max_articles(push),
@@ -238,7 +300,10 @@ enum Waited {
     TimedOut,
 }
 
-async fn wait_answer(mut rx: tokio::sync::watch::Receiver<Option<Answer>>, deadline: Instant) -> Waited {
+async fn wait_answer(
+    mut rx: tokio::sync::watch::Receiver<Option<Answer>>,
+    deadline: Instant,
+) -> Waited {
     match tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await {
         Ok(Ok(answer)) => Waited::Answer(answer.clone().unwrap_or(Answer { reply: None })),
         Ok(Err(_)) => Waited::Released,
@@ -263,7 +328,8 @@ impl ForwardJob {
     async fn run(self, guard: Guard) {
         let s = &self.state;
         let Some(secret) = s.account.forward_secret.clone() else { return };
-        let call = forward::call(&s.client, &self.url, &secret, &self.key, &self.payload, FORWARD_LIMIT);
+        let call =
+            forward::call(&s.client, &self.url, &secret, &self.key, &self.payload, FORWARD_LIMIT);
         tokio::pin!(call);
 
         // Within the budget: the reply is the passive reply.
@@ -280,9 +346,12 @@ impl ForwardJob {
                 // Holding: wait as long as WeChat may still deliver again.
                 let hold = self.started + WECHAT_DEADLINE * s.account.wechat_attempts;
                 let limit = if guard.is_some() { hold } else { self.started + FORWARD_LIMIT };
-                tokio::time::timeout_at(limit.into(), &mut call)
-                    .await
-                    .unwrap_or_else(|_| Err(ForwardError::Transport(format!("no answer within {:?}", limit - self.started))))
+                tokio::time::timeout_at(limit.into(), &mut call).await.unwrap_or_else(|_| {
+                    Err(ForwardError::Transport(format!(
+                        "no answer within {:?}",
+                        limit - self.started
+                    )))
+                })
             }
         };
 
@@ -305,7 +374,8 @@ impl ForwardJob {
             }
             Err(e) => {
                 warn!(account = %s.account.name, url = %self.url, error = %e, "forward failed");
-                let late = if guard.is_some() { None } else { Some(format!("forward failed: {e}")) };
+                let late =
+                    if guard.is_some() { None } else { Some(format!("forward failed: {e}")) };
                 let _ = s.store.update(self.update(None, Status::Failed, late)).await;
                 // With the guard dropped here, a retry of this push forwards again.
             }
@@ -320,13 +390,15 @@ impl ForwardJob {
             return;
         }
         let result = match (&s.api, s.account.late_reply) {
-            (Some(api), LateReply::CustomerService | LateReply::HoldForRetry) => match api.send_custom(&self.from, &reply).await {
-                Ok(()) => "sent as a customer-service message".to_owned(),
-                Err(e) => {
-                    warn!(account = %s.account.name, error = %e, "late reply not sent");
-                    format!("customer-service message failed: {e}")
+            (Some(api), LateReply::CustomerService | LateReply::HoldForRetry) => {
+                match api.send_custom(&self.from, &reply).await {
+                    Ok(()) => "sent as a customer-service message".to_owned(),
+                    Err(e) => {
+                        warn!(account = %s.account.name, error = %e, "late reply not sent");
+                        format!("customer-service message failed: {e}")
+                    }
                 }
-            },
+            }
             _ => "dropped: not ready in time".to_owned(),
         };
         info!(account = %s.account.name, result = %result, "late reply");
@@ -334,7 +406,13 @@ impl ForwardJob {
     }
 
     fn update(&self, reply: Option<String>, status: Status, late_result: Option<String>) -> Update {
-        Update { account: self.state.account.name.clone(), dedup_key: self.key.clone(), reply, status, late_result }
+        Update {
+            account: self.state.account.name.clone(),
+            dedup_key: self.key.clone(),
+            reply,
+            status,
+            late_result,
+        }
     }
 }
 

@@ -18,12 +18,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use tracing::{debug, error, info, warn};
+use wxgate_protocol::Push;
 use wxgate_protocol::crypto::CryptoError;
 use wxgate_protocol::push::PushError;
 use wxgate_protocol::reply::{self, SUCCESS};
 use wxgate_protocol::signature;
 use wxgate_protocol::xml::{self, XmlError};
-use wxgate_protocol::Push;
 
 use crate::client::Client;
 use crate::config::Account;
@@ -125,14 +125,17 @@ impl Rejection {
     fn status(&self) -> StatusCode {
         use Rejection::*;
         match self {
-            MissingParam(_) | MalformedParam(_) | BadSignature | StaleTimestamp(_) | PlaintextRefused | BadMsgSignature => {
-                StatusCode::FORBIDDEN
-            }
+            MissingParam(_) | MalformedParam(_) | BadSignature | StaleTimestamp(_)
+            | PlaintextRefused | BadMsgSignature => StatusCode::FORBIDDEN,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             SlowBody => StatusCode::REQUEST_TIMEOUT,
-            UnknownEncryptType(_) | NoAesKey | BodyRead(_) | NotUtf8 | Xml(_) | MissingEncrypt | Crypto(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            UnknownEncryptType(_)
+            | NoAesKey
+            | BodyRead(_)
+            | NotUtf8
+            | Xml(_)
+            | MissingEncrypt
+            | Crypto(_) => StatusCode::BAD_REQUEST,
             Store(_) | StillInFlight | ForwardFailed => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -141,7 +144,8 @@ impl Rejection {
 /// A reason fit for a log line or an answer: printable, one line, short. Parser messages
 /// can quote pieces of the request.
 fn printable(reason: &str) -> String {
-    let mut out: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
+    let mut out: String =
+        reason.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
     if reason.chars().count() > 200 {
         out.push('…');
     }
@@ -219,7 +223,11 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -371,13 +379,23 @@ impl AccountState {
     }
 
     /// Everything after the body has arrived.
-    async fn process(self: &Arc<Self>, q: &Query, token: usize, encrypted: bool, body: &[u8], started: Instant) -> Result<Response, Rejection> {
+    async fn process(
+        self: &Arc<Self>,
+        q: &Query,
+        token: usize,
+        encrypted: bool,
+        body: &[u8],
+        started: Instant,
+    ) -> Result<Response, Rejection> {
         let doc = std::str::from_utf8(body).map_err(|_| Rejection::NotUtf8)?;
 
         let outer = xml::parse(doc)?;
         let (inner, creds) = if encrypted {
             let encrypt = outer.text_of("Encrypt").ok_or(Rejection::MissingEncrypt)?;
-            let (ts, nonce) = (q.timestamp.as_deref().unwrap_or_default(), q.nonce.as_deref().unwrap_or_default());
+            let (ts, nonce) = (
+                q.timestamp.as_deref().unwrap_or_default(),
+                q.nonce.as_deref().unwrap_or_default(),
+            );
             let msg_sig = q.msg_signature.as_deref().unwrap_or_default();
             let tok = self.account.tokens[token].expose();
             if !signature::verify(msg_sig, &[tok, ts, nonce, encrypt]) {
@@ -448,7 +466,8 @@ impl AccountState {
     /// came encrypted (with a fresh TimeStamp, Nonce and MsgSignature).
     fn respond(&self, answer: &Answer, encrypted: Option<&Credentials>) -> Response {
         let Some(xml) = answer.reply.as_deref() else {
-            return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], SUCCESS).into_response();
+            return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], SUCCESS)
+                .into_response();
         };
         let body = match encrypted {
             None => xml.to_owned(),
@@ -466,10 +485,10 @@ impl AccountState {
     }
 }
 
-
 /// The MsgType of a rendered reply, for the log line.
 fn reply_msg_type(xml: &str) -> Option<&'static str> {
-    const KNOWN: &[&str] = &["text", "image", "voice", "video", "music", "news", "transfer_customer_service"];
+    const KNOWN: &[&str] =
+        &["text", "image", "voice", "video", "music", "news", "transfer_customer_service"];
     let start = xml.find("<MsgType><![CDATA[")? + "<MsgType><![CDATA[".len();
     let rest = &xml[start..];
     let t = &rest[..rest.find(']')?];
@@ -486,11 +505,13 @@ fn fresh_nonce() -> String {
     u32::from_le_bytes(b).to_string()
 }
 
-
 /// Reads at most `max` bytes of body. A declared or actual excess is refused with 413
 /// at once; the rest is drained in the background, never buffered.
 async fn read_body(mut body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, Rejection> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         drain(body);
         return Err(Rejection::TooLarge(max));

@@ -19,8 +19,8 @@ pub mod outbox;
 pub mod rules;
 pub mod sim;
 pub mod status;
-pub mod wechat_api;
 pub mod store;
+pub mod wechat_api;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,7 +49,8 @@ pub struct App {
 impl App {
     /// The routes of the metrics listener: `GET /metrics`.
     pub fn metrics_router(&self) -> Router {
-        let (metrics, store, dedup) = (self.metrics.clone(), self.store.clone(), self.dedup.clone());
+        let (metrics, store, dedup) =
+            (self.metrics.clone(), self.store.clone(), self.dedup.clone());
         Router::new().route(
             "/metrics",
             get(move || {
@@ -70,7 +71,8 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
     let metrics = Arc::new(Metrics::default());
 
     // Retries that arrive just after a restart are recognised from memory.
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().saturating_sub(window);
+    let since =
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().saturating_sub(window);
     let recent = store.recent_keys(since.as_millis() as i64, config.dedup_memory_entries)?;
     for k in &recent {
         let key = format!("{}\u{0}{}", k.account, k.dedup_key);
@@ -87,7 +89,9 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             async move {
                 match store.probe(Duration::from_secs(2)).await {
                     Ok(()) => (axum::http::StatusCode::OK, "ready\n".to_owned()),
-                    Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+                    Err(e) => {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"))
+                    }
                 }
             }
         }),
@@ -100,7 +104,12 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             metrics: metrics.clone(),
             client: client.clone(),
             api: account.app_secret.clone().map(|secret| {
-                Arc::new(wechat_api::WechatApi::new(client.clone(), &account.api_base, &account.app_id, secret))
+                Arc::new(wechat_api::WechatApi::new(
+                    client.clone(),
+                    &account.api_base,
+                    &account.app_id,
+                    secret,
+                ))
             }),
             gave_up: Default::default(),
         });
@@ -120,7 +129,10 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
 
 /// Deletes every record of one follower (`wxgate forget`); answers how many.
 pub fn forget(config: &Config, account: &str, openid: &str) -> anyhow::Result<usize> {
-    anyhow::ensure!(config.account(account).is_some(), "no account named {account:?} in the config");
+    anyhow::ensure!(
+        config.account(account).is_some(),
+        "no account named {account:?} in the config"
+    );
     let store = Store::open(&config.data_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let n = rt.block_on(store.forget(account, openid))?;
@@ -133,7 +145,8 @@ async fn purge_old_records(store: Store, retention: config::Retention) {
     loop {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let cutoff = |keep: Duration| now.saturating_sub(keep).as_millis() as i64;
-        let mut cutoffs: Vec<(Option<String>, i64)> = retention.kinds.iter().map(|(k, d)| (Some(k.clone()), cutoff(*d))).collect();
+        let mut cutoffs: Vec<(Option<String>, i64)> =
+            retention.kinds.iter().map(|(k, d)| (Some(k.clone()), cutoff(*d))).collect();
         // Without a default, the named kinds still count as "kinds with their own cutoff".
         cutoffs.push((None, retention.default.map_or(0, cutoff)));
         match store.purge(cutoffs).await {

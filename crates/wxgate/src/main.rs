@@ -36,9 +36,11 @@ enum Command {
     },
     /// Play WeChat's side: pushes, retries, strict reply checks, scenarios, load, and a
     /// mock of the WeChat HTTP API.
-    #[command(after_help = "Exit codes: 0 all well; 1 bad input or an operational error; 2 a usage error; \
+    #[command(
+        after_help = "Exit codes: 0 all well; 1 bad input or an operational error; 2 a usage error; \
                             3 a follower would see \"该公众号暂时无法提供服务\" (push, journey, replay, load); \
-                            4 a scenario step was not as expected.")]
+                            4 a scenario step was not as expected."
+    )]
     Sim {
         #[command(subcommand)]
         command: wxgate::sim::cli::SimCommand,
@@ -88,19 +90,30 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => load_config(&config)
             .and_then(|c| {
                 let n = c.accounts.len();
-                writeln!(std::io::stdout(), "{}: ok ({n} account{})", config.display(), if n == 1 { "" } else { "s" })?;
+                writeln!(
+                    std::io::stdout(),
+                    "{}: ok ({n} account{})",
+                    config.display(),
+                    if n == 1 { "" } else { "s" }
+                )?;
                 Ok(())
             })
             .map(|()| ExitCode::SUCCESS),
         Command::Events { config, account } => events(config, account).map(|()| ExitCode::SUCCESS),
         Command::Status { config } => status(config).map(|()| ExitCode::SUCCESS),
-        Command::Forget { config, account, openid } => load_config(&config)
-            .and_then(|c| wxgate::forget(&c, &account, &openid))
-            .and_then(|n| {
-                writeln!(std::io::stdout(), "{n} record{} of {openid} deleted", if n == 1 { "" } else { "s" })?;
+        Command::Forget { config, account, openid } => {
+            load_config(&config).and_then(|c| wxgate::forget(&c, &account, &openid)).and_then(|n| {
+                writeln!(
+                    std::io::stdout(),
+                    "{n} record{} of {openid} deleted",
+                    if n == 1 { "" } else { "s" }
+                )?;
                 Ok(ExitCode::SUCCESS)
-            }),
-        Command::Outbox { command } => wxgate::outbox::run(command, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS),
+            })
+        }
+        Command::Outbox { command } => {
+            wxgate::outbox::run(command, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -115,7 +128,10 @@ fn main() -> ExitCode {
 
 /// Whether an error is a write to a closed pipe.
 fn broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Loads a config file; errors name the file (`wxgate.toml: accounts[0].token: ...`).
@@ -129,7 +145,9 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
 
 fn serve(config: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -142,15 +160,29 @@ fn serve(config: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
     runtime.block_on(async {
         let app = wxgate::build(&config)?;
         if let Some(addr) = config.metrics_listen {
-            let metrics = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
             tracing::info!("metrics on http://{}/metrics", metrics.local_addr()?);
             let router = app.metrics_router();
             tokio::spawn(async move { axum::serve(metrics, router).await });
         }
-        let listener = tokio::net::TcpListener::bind(&addrs[..]).await.with_context(|| format!("cannot listen on {shown}"))?;
-        wxgate::serve(listener, app.router, config.http, config.allow_from.clone(), shutdown_signal()).await?;
+        let listener = tokio::net::TcpListener::bind(&addrs[..])
+            .await
+            .with_context(|| format!("cannot listen on {shown}"))?;
+        wxgate::serve(
+            listener,
+            app.router,
+            config.http,
+            config.allow_from.clone(),
+            shutdown_signal(),
+        )
+        .await?;
         // Requests in flight have been answered; let the store commit what is queued.
-        let flushed = tokio::task::spawn_blocking(move || app.store.close(std::time::Duration::from_secs(10))).await?;
+        let flushed = tokio::task::spawn_blocking(move || {
+            app.store.close(std::time::Duration::from_secs(10))
+        })
+        .await?;
         tracing::info!(flushed, "stopped");
         Ok(())
     })
@@ -160,7 +192,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

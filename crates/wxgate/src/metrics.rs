@@ -17,7 +17,8 @@ use std::time::Duration;
 use crate::store::Store;
 
 /// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 4.0, 5.0];
+const BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 4.0, 5.0];
 
 #[derive(Default, Clone)]
 struct Histogram {
@@ -53,7 +54,13 @@ pub struct Metrics {
 
 impl Metrics {
     /// Counts an answered push and its latency.
-    pub fn push(&self, account: &str, kind: &'static str, outcome: &'static str, latency: Duration) {
+    pub fn push(
+        &self,
+        account: &str,
+        kind: &'static str,
+        outcome: &'static str,
+        latency: Duration,
+    ) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         *m.pushes.entry((account.to_owned(), kind, outcome)).or_default() += 1;
         m.latency.entry(account.to_owned()).or_default().observe(latency.as_secs_f64());
@@ -69,41 +76,114 @@ impl Metrics {
     pub fn render(&self, store: &Store, dedup_entries: usize) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP wxgate_pushes_total Authentic pushes answered, by kind and dedup outcome.");
+        let _ = writeln!(
+            out,
+            "# HELP wxgate_pushes_total Authentic pushes answered, by kind and dedup outcome."
+        );
         let _ = writeln!(out, "# TYPE wxgate_pushes_total counter");
         for ((account, kind, outcome), n) in &m.pushes {
-            let _ = writeln!(out, "wxgate_pushes_total{{account=\"{account}\",kind=\"{kind}\",outcome=\"{outcome}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "wxgate_pushes_total{{account=\"{account}\",kind=\"{kind}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         let _ = writeln!(out, "# HELP wxgate_rejected_total Requests refused, by reason.");
         let _ = writeln!(out, "# TYPE wxgate_rejected_total counter");
         for ((account, reason), n) in &m.rejected {
-            let _ = writeln!(out, "wxgate_rejected_total{{account=\"{account}\",reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "wxgate_rejected_total{{account=\"{account}\",reason=\"{reason}\"}} {n}"
+            );
         }
-        let _ = writeln!(out, "# HELP wxgate_reply_seconds Time from a push's arrival to its answer.");
+        let _ =
+            writeln!(out, "# HELP wxgate_reply_seconds Time from a push's arrival to its answer.");
         let _ = writeln!(out, "# TYPE wxgate_reply_seconds histogram");
         for (account, h) in &m.latency {
             for (bound, n) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(out, "wxgate_reply_seconds_bucket{{account=\"{account}\",le=\"{bound}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "wxgate_reply_seconds_bucket{{account=\"{account}\",le=\"{bound}\"}} {n}"
+                );
             }
-            let _ = writeln!(out, "wxgate_reply_seconds_bucket{{account=\"{account}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "wxgate_reply_seconds_bucket{{account=\"{account}\",le=\"+Inf\"}} {}",
+                h.count
+            );
             let _ = writeln!(out, "wxgate_reply_seconds_sum{{account=\"{account}\"}} {}", h.sum);
-            let _ = writeln!(out, "wxgate_reply_seconds_count{{account=\"{account}\"}} {}", h.count);
+            let _ =
+                writeln!(out, "wxgate_reply_seconds_count{{account=\"{account}\"}} {}", h.count);
         }
-        let (pending, dead, oldest_ms) = crate::store::outbox_depth(store.dir(), crate::http::unix_ms()).unwrap_or_default();
+        let (pending, dead, oldest_ms) =
+            crate::store::outbox_depth(store.dir(), crate::http::unix_ms()).unwrap_or_default();
         let s = store.stats();
-        let mean = if s.commits == 0 { 0.0 } else { s.total_commit_micros as f64 / s.commits as f64 / 1e6 };
+        let mean = if s.commits == 0 {
+            0.0
+        } else {
+            s.total_commit_micros as f64 / s.commits as f64 / 1e6
+        };
         for (name, kind, help, value) in [
-            ("wxgate_store_commits_total", "counter", "Store transactions committed.", s.commits as f64),
-            ("wxgate_store_commit_failures_total", "counter", "Store transactions that failed.", s.failures as f64),
-            ("wxgate_store_records_total", "counter", "Requests committed, all batches together.", s.records as f64),
-            ("wxgate_store_largest_batch", "gauge", "Most requests committed in one transaction.", s.largest_batch as f64),
-            ("wxgate_store_mean_commit_seconds", "gauge", "Mean time of one commit, fsync included.", mean),
-            ("wxgate_store_queued", "gauge", "Requests waiting for the store writer.", store.queued() as f64),
-            ("wxgate_store_healthy", "gauge", "1 when the last commit succeeded.", if store.healthy() { 1.0 } else { 0.0 }),
-            ("wxgate_dedup_memory_entries", "gauge", "Push keys held in memory for recognising retries.", dedup_entries as f64),
+            (
+                "wxgate_store_commits_total",
+                "counter",
+                "Store transactions committed.",
+                s.commits as f64,
+            ),
+            (
+                "wxgate_store_commit_failures_total",
+                "counter",
+                "Store transactions that failed.",
+                s.failures as f64,
+            ),
+            (
+                "wxgate_store_records_total",
+                "counter",
+                "Requests committed, all batches together.",
+                s.records as f64,
+            ),
+            (
+                "wxgate_store_largest_batch",
+                "gauge",
+                "Most requests committed in one transaction.",
+                s.largest_batch as f64,
+            ),
+            (
+                "wxgate_store_mean_commit_seconds",
+                "gauge",
+                "Mean time of one commit, fsync included.",
+                mean,
+            ),
+            (
+                "wxgate_store_queued",
+                "gauge",
+                "Requests waiting for the store writer.",
+                store.queued() as f64,
+            ),
+            (
+                "wxgate_store_healthy",
+                "gauge",
+                "1 when the last commit succeeded.",
+                if store.healthy() { 1.0 } else { 0.0 },
+            ),
+            (
+                "wxgate_dedup_memory_entries",
+                "gauge",
+                "Push keys held in memory for recognising retries.",
+                dedup_entries as f64,
+            ),
             ("wxgate_outbox_pending", "gauge", "Background deliveries waiting.", pending as f64),
-            ("wxgate_outbox_dead", "gauge", "Background deliveries parked after too many failures.", dead as f64),
-            ("wxgate_outbox_oldest_seconds", "gauge", "Age of the oldest waiting background delivery.", oldest_ms as f64 / 1000.0),
+            (
+                "wxgate_outbox_dead",
+                "gauge",
+                "Background deliveries parked after too many failures.",
+                dead as f64,
+            ),
+            (
+                "wxgate_outbox_oldest_seconds",
+                "gauge",
+                "Age of the oldest waiting background delivery.",
+                oldest_ms as f64 / 1000.0,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
@@ -151,7 +231,10 @@ mod tests {
         let text = m.render(&store, 2);
         let samples: Vec<_> = text.lines().filter_map(parse_sample).collect();
         let find = |name: &str, label: Option<(&str, &str)>| {
-            samples.iter().find(|(n, l, _)| *n == name && label.is_none_or(|kv| l.contains(&kv))).map(|s| s.2)
+            samples
+                .iter()
+                .find(|(n, l, _)| *n == name && label.is_none_or(|kv| l.contains(&kv)))
+                .map(|s| s.2)
         };
         assert_eq!(find("wxgate_pushes_total", Some(("outcome", "handled"))), Some(2.0));
         assert_eq!(find("wxgate_rejected_total", Some(("reason", "bad_signature"))), Some(1.0));

@@ -28,8 +28,11 @@ const BATCH: usize = 64;
 
 /// Starts the worker; it runs until the runtime stops.
 pub fn spawn(config: &Config, store: Store, client: Client) -> tokio::task::JoinHandle<()> {
-    let secrets: HashMap<String, Secret> =
-        config.accounts.iter().filter_map(|a| a.forward_secret.clone().map(|s| (a.name.clone(), s))).collect();
+    let secrets: HashMap<String, Secret> = config
+        .accounts
+        .iter()
+        .filter_map(|a| a.forward_secret.clone().map(|s| (a.name.clone(), s)))
+        .collect();
     let worker = Worker { store, client, secrets: Arc::new(secrets), cfg: config.outbox };
     tokio::spawn(worker.run())
 }
@@ -60,7 +63,8 @@ impl Worker {
             }
             let mut tasks = JoinSet::new();
             for entry in due {
-                let (client, secrets, store, cfg) = (self.client.clone(), self.secrets.clone(), self.store.clone(), self.cfg);
+                let (client, secrets, store, cfg) =
+                    (self.client.clone(), self.secrets.clone(), self.store.clone(), self.cfg);
                 tasks.spawn(async move { deliver(&client, &secrets, &store, cfg, entry).await });
             }
             while tasks.join_next().await.is_some() {}
@@ -68,11 +72,24 @@ impl Worker {
     }
 }
 
-async fn deliver(client: &Client, secrets: &HashMap<String, Secret>, store: &Store, cfg: OutboxConfig, entry: Due) {
+async fn deliver(
+    client: &Client,
+    secrets: &HashMap<String, Secret>,
+    store: &Store,
+    cfg: OutboxConfig,
+    entry: Due,
+) {
     let result = match secrets.get(&entry.account) {
-        Some(secret) => forward::call(client, &entry.url, secret, &entry.dedup_key, &entry.payload, DELIVERY_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string()),
+        Some(secret) => forward::call(
+            client,
+            &entry.url,
+            secret,
+            &entry.dedup_key,
+            &entry.payload,
+            DELIVERY_TIMEOUT,
+        )
+        .await
+        .map_err(|e| e.to_string()),
         None => Err(format!("account {:?} has no forward_secret any more", entry.account)),
     };
     let attempted = match result {
@@ -83,7 +100,8 @@ async fn deliver(client: &Client, secrets: &HashMap<String, Secret>, store: &Sto
         Err(error) => {
             let attempts = entry.attempts as u32 + 1;
             let dead = attempts >= cfg.max_attempts;
-            let backoff = cfg.backoff.saturating_mul(1 << (attempts - 1).min(20)).min(cfg.backoff_max);
+            let backoff =
+                cfg.backoff.saturating_mul(1 << (attempts - 1).min(20)).min(cfg.backoff_max);
             warn!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, dead, error = %error, "background delivery failed");
             Attempted::Failed { error, next_at_ms: unix_ms() + backoff.as_millis() as i64, dead }
         }
@@ -123,7 +141,10 @@ pub fn run(cmd: OutboxCommand, out: &mut impl std::io::Write) -> anyhow::Result<
         OutboxCommand::List { config, state } => {
             let config = Config::load(&config)?;
             if let Some(s) = state.as_deref() {
-                anyhow::ensure!(["pending", "delivered", "dead"].contains(&s), "--state: use pending, delivered or dead, not {s:?}");
+                anyhow::ensure!(
+                    ["pending", "delivered", "dead"].contains(&s),
+                    "--state: use pending, delivered or dead, not {s:?}"
+                );
             }
             for row in crate::store::outbox_list(&config.data_dir, state.as_deref())? {
                 writeln!(out, "{}", serde_json::to_string(&row)?)?;

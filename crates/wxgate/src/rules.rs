@@ -152,7 +152,9 @@ impl Rule {
     pub(crate) fn check(r: RuleFile, at: &str) -> Result<Rule, ConfigError> {
         let w = r.when;
         let content_regex = match w.content_regex {
-            Some(re) => Some(Regex::new(&re).map_err(|e| err(format!("{at}.when.content_regex"), e))?),
+            Some(re) => {
+                Some(Regex::new(&re).map_err(|e| err(format!("{at}.when.content_regex"), e))?)
+            }
             None => None,
         };
         let when = When {
@@ -175,20 +177,30 @@ impl Rule {
     /// Whether every matcher of this rule holds for the push.
     pub fn matches(&self, push: &Push) -> bool {
         let w = &self.when;
-        let eq = |want: &Option<String>, got: Option<&str>| want.as_ref().is_none_or(|w| got == Some(w.as_str()));
+        let eq = |want: &Option<String>, got: Option<&str>| {
+            want.as_ref().is_none_or(|w| got == Some(w.as_str()))
+        };
         w.msg_type.as_ref().is_none_or(|t| push.msg_type.eq_ignore_ascii_case(t))
-            && w.event.as_ref().is_none_or(|e| push.event_name().is_some_and(|n| n.eq_ignore_ascii_case(e)))
+            && w.event
+                .as_ref()
+                .is_none_or(|e| push.event_name().is_some_and(|n| n.eq_ignore_ascii_case(e)))
             && eq(&w.event_key, push.event_key())
-            && w.event_key_prefix.as_ref().is_none_or(|p| push.event_key().is_some_and(|k| k.starts_with(p.as_str())))
+            && w.event_key_prefix
+                .as_ref()
+                .is_none_or(|p| push.event_key().is_some_and(|k| k.starts_with(p.as_str())))
             && eq(&w.scene, push.scene())
             && eq(&w.content, push.content())
-            && w.content_regex.as_ref().is_none_or(|re| push.content().is_some_and(|c| re.is_match(c)))
+            && w.content_regex
+                .as_ref()
+                .is_none_or(|re| push.content().is_some_and(|c| re.is_match(c)))
     }
 
     /// What this rule does with the push.
     pub fn action(&self, push: &Push) -> Action {
         match &self.reply {
-            ReplyTemplate::Forward { url, background } => Action::Forward { url: url.clone(), background: *background },
+            ReplyTemplate::Forward { url, background } => {
+                Action::Forward { url: url.clone(), background: *background }
+            }
             other => Action::Reply(other.render(push)),
         }
     }
@@ -206,7 +218,9 @@ impl ReplyTemplate {
             ReplyTemplate::Text(t) => Reply::Text(r(t)),
             ReplyTemplate::Image(t) => Reply::Image { media_id: r(t) },
             ReplyTemplate::Voice(t) => Reply::Voice { media_id: r(t) },
-            ReplyTemplate::Video([m, t, d]) => Reply::Video { media_id: r(m), title: r(t), description: r(d) },
+            ReplyTemplate::Video([m, t, d]) => {
+                Reply::Video { media_id: r(m), title: r(t), description: r(d) }
+            }
             ReplyTemplate::Music([t, d, u, hq, thumb]) => Reply::Music {
                 title: r(t),
                 description: r(d),
@@ -217,10 +231,17 @@ impl ReplyTemplate {
             ReplyTemplate::News(items) => Reply::News(
                 items
                     .iter()
-                    .map(|[t, d, u, p]| Article { title: r(t), description: r(d), url: r(u), pic_url: r(p) })
+                    .map(|[t, d, u, p]| Article {
+                        title: r(t),
+                        description: r(d),
+                        url: r(u),
+                        pic_url: r(p),
+                    })
                     .collect(),
             ),
-            ReplyTemplate::Transfer(kf) => Reply::TransferCustomerService { kf_account: kf.as_ref().map(r) },
+            ReplyTemplate::Transfer(kf) => {
+                Reply::TransferCustomerService { kf_account: kf.as_ref().map(r) }
+            }
         }
     }
 }
@@ -237,11 +258,13 @@ pub fn literal_reply(json: &[u8]) -> Result<Reply, String> {
     if trimmed.is_empty() || trimmed == "{}" {
         return Ok(Reply::None);
     }
-    let file: ReplyFile = serde_json::from_str(trimmed).map_err(|e| format!("answer is not a reply: {e}"))?;
+    let file: ReplyFile =
+        serde_json::from_str(trimmed).map_err(|e| format!("answer is not a reply: {e}"))?;
     if file.forward.is_some() {
         return Err("an answer cannot forward again".into());
     }
-    let template = ReplyTemplate::check_with(file, "answer", Template::literal).map_err(|e| e.to_string())?;
+    let template =
+        ReplyTemplate::check_with(file, "answer", Template::literal).map_err(|e| e.to_string())?;
     Ok(template.build(Template::literal_text))
 }
 
@@ -250,7 +273,11 @@ impl ReplyTemplate {
         Self::check_with(r, at, Template::parse)
     }
 
-    fn check_with(r: ReplyFile, at: &str, parse: fn(&str) -> Result<Template, String>) -> Result<ReplyTemplate, ConfigError> {
+    fn check_with(
+        r: ReplyFile,
+        at: &str,
+        parse: fn(&str) -> Result<Template, String>,
+    ) -> Result<ReplyTemplate, ConfigError> {
         let given = [
             r.forward.is_some(),
             r.text.is_some(),
@@ -275,7 +302,10 @@ impl ReplyTemplate {
                 ForwardFile::Table { url, background } => (url, background),
             };
             if !url.starts_with("http://") && !url.starts_with("https://") {
-                return Err(err(format!("{at}.forward"), format!("must be an http:// or https:// URL, got {url:?}")));
+                return Err(err(
+                    format!("{at}.forward"),
+                    format!("must be an http:// or https:// URL, got {url:?}"),
+                ));
             }
             ReplyTemplate::Forward { url, background }
         } else if let Some(text) = r.text {
@@ -433,7 +463,11 @@ mod tests {
             rules: Vec<RuleFile>,
         }
         let f: F = toml::from_str(toml_rules).unwrap();
-        f.rules.into_iter().enumerate().map(|(i, r)| Rule::check(r, &format!("rules[{i}]")).unwrap()).collect()
+        f.rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| Rule::check(r, &format!("rules[{i}]")).unwrap())
+            .collect()
     }
 
     fn push(body: &str) -> Push {
@@ -465,8 +499,13 @@ reply = { text = "{content} {{ok}}" }
             Action::Reply(reply) => reply,
             other => panic!("unexpected {other:?}"),
         };
-        let sub = push("<MsgType>event</MsgType><Event>subscribe</Event><EventKey>qrscene_spring_poster</EventKey>");
-        assert_eq!(answer(&r, &sub), Reply::Text("Welcome, you came from the spring_poster poster".into()));
+        let sub = push(
+            "<MsgType>event</MsgType><Event>subscribe</Event><EventKey>qrscene_spring_poster</EventKey>",
+        );
+        assert_eq!(
+            answer(&r, &sub),
+            Reply::Text("Welcome, you came from the spring_poster poster".into())
+        );
         let click = push("<MsgType>event</MsgType><Event>click</Event><EventKey>MENU_A</EventKey>");
         assert_eq!(answer(&r, &click), Reply::Text("clicked MENU_A".into()));
         let news = push("<MsgType>text</MsgType><Content>news please</Content><MsgId>1</MsgId>");
@@ -479,17 +518,30 @@ reply = { text = "{content} {{ok}}" }
 
     #[test]
     fn forwards_and_literal_answers() {
-        let r = rules("[[rules]]\nwhen = { msg_type = \"text\" }\nreply = { forward = \"http://127.0.0.1:9/hook\" }\n\
-                       [[rules]]\nreply = { forward = { url = \"https://x/y\", background = true } }\n");
+        let r = rules(
+            "[[rules]]\nwhen = { msg_type = \"text\" }\nreply = { forward = \"http://127.0.0.1:9/hook\" }\n\
+                       [[rules]]\nreply = { forward = { url = \"https://x/y\", background = true } }\n",
+        );
         let text = push("<MsgType>text</MsgType><Content>hi</Content><MsgId>1</MsgId>");
-        assert_eq!(answer(&r, &text), Action::Forward { url: "http://127.0.0.1:9/hook".into(), background: false });
+        assert_eq!(
+            answer(&r, &text),
+            Action::Forward { url: "http://127.0.0.1:9/hook".into(), background: false }
+        );
         let other = push("<MsgType>event</MsgType><Event>VIEW</Event>");
-        assert_eq!(answer(&r, &other), Action::Forward { url: "https://x/y".into(), background: true });
+        assert_eq!(
+            answer(&r, &other),
+            Action::Forward { url: "https://x/y".into(), background: true }
+        );
 
-        assert_eq!(literal_reply(b"{\"text\": \"{content} ok\"}").unwrap(), Reply::Text("{content} ok".into()));
+        assert_eq!(
+            literal_reply(b"{\"text\": \"{content} ok\"}").unwrap(),
+            Reply::Text("{content} ok".into())
+        );
         assert_eq!(literal_reply(b"").unwrap(), Reply::None);
         assert_eq!(literal_reply(b"{}").unwrap(), Reply::None);
-        assert!(matches!(literal_reply(b"{\"news\": [{\"title\": \"t\"}]}").unwrap(), Reply::News(a) if a.len() == 1));
+        assert!(
+            matches!(literal_reply(b"{\"news\": [{\"title\": \"t\"}]}").unwrap(), Reply::News(a) if a.len() == 1)
+        );
         assert!(literal_reply(b"{\"text\": 1}").is_err());
         assert!(literal_reply(b"{\"forward\": \"http://a\"}").is_err());
         assert!(literal_reply(b"not json").is_err());
@@ -503,6 +555,8 @@ reply = { text = "{content} {{ok}}" }
             when: WhenFile::default(),
             reply: ReplyFile { text: Some("a".into()), none: Some(true), ..ReplyFile::default() },
         };
-        assert!(Rule::check(two, "r").unwrap_err().to_string().starts_with("r.reply: give exactly one"));
+        assert!(
+            Rule::check(two, "r").unwrap_err().to_string().starts_with("r.reply: give exactly one")
+        );
     }
 }

@@ -63,7 +63,9 @@ impl Seen {
     /// The `Content` of a text reply.
     pub fn text(&self) -> Option<&str> {
         match self {
-            Seen::Reply { msg_type, doc, .. } if msg_type == "text" => doc.child("Content").map(|c| c.text.as_str()),
+            Seen::Reply { msg_type, doc, .. } if msg_type == "text" => {
+                doc.child("Content").map(|c| c.text.as_str())
+            }
             _ => None,
         }
     }
@@ -82,7 +84,8 @@ impl Account {
     /// Signs with a given timestamp and nonce.
     pub fn deliver_at(&self, inner: &str, mode: Mode, timestamp: &str, nonce: &str) -> Delivery {
         let sig = signature::url_signature(&self.token, timestamp, nonce);
-        let openid = xml::parse(inner).ok().and_then(|d| d.text_of("FromUserName").map(str::to_owned));
+        let openid =
+            xml::parse(inner).ok().and_then(|d| d.text_of("FromUserName").map(str::to_owned));
         let mut query = format!("signature={sig}&timestamp={timestamp}&nonce={nonce}");
         if let Some(o) = openid {
             let o: String = form_urlencoded::byte_serialize(o.as_bytes()).collect();
@@ -125,14 +128,17 @@ impl Account {
         push_cdata_element(&mut body, "Encrypt", encrypt);
         body.push_str("\n</xml>");
         Delivery {
-            query: format!("signature={sig}&timestamp={timestamp}&nonce={nonce}&encrypt_type=aes&msg_signature={msg_sig}"),
+            query: format!(
+                "signature={sig}&timestamp={timestamp}&nonce={nonce}&encrypt_type=aes&msg_signature={msg_sig}"
+            ),
             body,
         }
     }
 
     /// The URL-verification query WeChat sends when the server URL is saved.
     pub fn verification(&self, echostr: &str) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()).to_string();
+        let now =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()).to_string();
         let sig = signature::url_signature(&self.token, &now, "1234567");
         format!("signature={sig}&timestamp={now}&nonce=1234567&echostr={echostr}")
     }
@@ -152,7 +158,8 @@ impl Account {
         if body.is_empty() || body == "success" {
             return Ok(Seen::Nothing);
         }
-        let doc = xml::parse_strict(body).map_err(|e| format!("reply is not well-formed XML: {e}"))?;
+        let doc =
+            xml::parse_strict(body).map_err(|e| format!("reply is not well-formed XML: {e}"))?;
         if doc.name != "xml" {
             return Err(format!("reply root is <{}>", doc.name));
         }
@@ -161,7 +168,8 @@ impl Account {
                 return Err("encrypted reply to a plaintext push".into());
             }
             let plain = self.open_envelope(&doc)?;
-            let inner_doc = xml::parse_strict(&plain).map_err(|e| format!("decrypted reply is not well-formed XML: {e}"))?;
+            let inner_doc = xml::parse_strict(&plain)
+                .map_err(|e| format!("decrypted reply is not well-formed XML: {e}"))?;
             (plain, inner_doc)
         } else {
             if mode == Mode::Safe {
@@ -181,7 +189,9 @@ impl Account {
         let mut sorted = names.clone();
         sorted.sort_unstable();
         if sorted != ["Encrypt", "MsgSignature", "Nonce", "TimeStamp"] {
-            return Err(format!("envelope must hold exactly Encrypt, MsgSignature, TimeStamp, Nonce; has {names:?}"));
+            return Err(format!(
+                "envelope must hold exactly Encrypt, MsgSignature, TimeStamp, Nonce; has {names:?}"
+            ));
         }
         let encrypt = doc.text_of("Encrypt").ok_or("empty Encrypt")?;
         let ts = doc.text_of("TimeStamp").ok_or("empty TimeStamp")?;
@@ -204,17 +214,25 @@ pub fn check_reply(push: &Element, reply: &Element) -> Result<(), String> {
     let want_to = push.text_of("FromUserName").unwrap_or_default();
     let want_from = push.text_of("ToUserName").unwrap_or_default();
     if reply.text_of("ToUserName") != Some(want_to) {
-        return Err(format!("reply ToUserName {:?} is not the follower {want_to:?}", reply.text_of("ToUserName")));
+        return Err(format!(
+            "reply ToUserName {:?} is not the follower {want_to:?}",
+            reply.text_of("ToUserName")
+        ));
     }
     if reply.text_of("FromUserName") != Some(want_from) {
-        return Err(format!("reply FromUserName {:?} is not the account {want_from:?}", reply.text_of("FromUserName")));
+        return Err(format!(
+            "reply FromUserName {:?} is not the account {want_from:?}",
+            reply.text_of("FromUserName")
+        ));
     }
     let ct = reply.text_of("CreateTime").unwrap_or_default();
     if ct.len() != 10 || !ct.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("reply CreateTime {ct:?} is not Unix seconds"));
     }
     let msg_type = reply.text_of("MsgType").unwrap_or_default();
-    let need = |path: &str| reply.text_at(path).map(|_| ()).ok_or(format!("{msg_type} reply lacks {path}"));
+    let need = |path: &str| {
+        reply.text_at(path).map(|_| ()).ok_or(format!("{msg_type} reply lacks {path}"))
+    };
     match msg_type {
         "text" => reply.child("Content").map(|_| ()).ok_or("text reply lacks Content".to_owned()),
         "image" => need("Image/MediaId"),
@@ -224,11 +242,13 @@ pub fn check_reply(push: &Element, reply: &Element) -> Result<(), String> {
         "transfer_customer_service" => Ok(()),
         "news" => {
             let items = reply.child("Articles").map_or(0, |a| a.children_named("item").count());
-            let count: usize = reply.text_of("ArticleCount").and_then(|c| c.parse().ok()).unwrap_or(usize::MAX);
+            let count: usize =
+                reply.text_of("ArticleCount").and_then(|c| c.parse().ok()).unwrap_or(usize::MAX);
             if count != items {
                 return Err(format!("ArticleCount {count} but {items} items"));
             }
-            let user_message = !push.text_of("MsgType").is_some_and(|t| t.eq_ignore_ascii_case("event"));
+            let user_message =
+                !push.text_of("MsgType").is_some_and(|t| t.eq_ignore_ascii_case("event"));
             let limit = if user_message { 1 } else { 8 };
             if items == 0 || items > limit {
                 return Err(format!("{items} articles; WeChat allows 1..={limit} here"));
@@ -263,11 +283,19 @@ pub mod compose {
     }
 
     /// An event with string fields in CDATA and numbers bare, as WeChat writes them.
-    pub fn event(to: &str, from: &str, create_time: u64, event: &str, fields: &[(&str, &str)]) -> String {
+    pub fn event(
+        to: &str,
+        from: &str,
+        create_time: u64,
+        event: &str,
+        fields: &[(&str, &str)],
+    ) -> String {
         let mut x = header(to, from, create_time, "event");
         push_cdata_element(&mut x, "Event", event);
         for (name, value) in fields {
-            if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') {
+            if !value.is_empty()
+                && value.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+            {
                 push_number_element(&mut x, name, value);
             } else {
                 push_cdata_element(&mut x, name, value);
@@ -299,7 +327,12 @@ impl Http {
     }
 
     /// Sends one request; an error means no HTTP answer (refused, reset, timed out).
-    pub async fn send(&self, method: &str, url: &str, body: Option<&str>) -> Result<Answer, String> {
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&str>,
+    ) -> Result<Answer, String> {
         let req = hyper::Request::builder()
             .method(method)
             .uri(url)
@@ -310,16 +343,29 @@ impl Http {
             let resp = self.client.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     // The cause is in the chain: "tcp connect error: Connection refused (os error 111)".
-                    format!("cannot connect: {}", error_chain(std::error::Error::source(&e).unwrap_or(&e as &(dyn std::error::Error + 'static))))
+                    format!(
+                        "cannot connect: {}",
+                        error_chain(
+                            std::error::Error::source(&e)
+                                .unwrap_or(&e as &(dyn std::error::Error + 'static))
+                        )
+                    )
                 } else {
                     format!("request failed: {}", error_chain(&e))
                 }
             })?;
             let status = resp.status().as_u16();
-            let bytes = resp.into_body().collect().await.map_err(|e| format!("reading answer: {}", error_chain(&e)))?.to_bytes();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("reading answer: {}", error_chain(&e)))?
+                .to_bytes();
             Ok(Answer { status, body: String::from_utf8_lossy(&bytes).into_owned() })
         };
-        tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
     }
 
     /// POSTs a delivery to `url` (the account's URL; a query of its own is kept).

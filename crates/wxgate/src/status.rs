@@ -18,7 +18,11 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
     if rows.is_empty() {
         let _ = writeln!(out, "  no pushes recorded yet");
     }
-    let _ = writeln!(out, "  {:<12} {:<32} {:>9} {:>7} {:>11}  latest", "account", "kind", "records", "dead", "deliveries");
+    let _ = writeln!(
+        out,
+        "  {:<12} {:<32} {:>9} {:>7} {:>11}  latest",
+        "account", "kind", "records", "dead", "deliveries"
+    );
     for r in &rows {
         let _ = writeln!(
             out,
@@ -33,7 +37,10 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
     }
 
     let Some(addr) = config.metrics_listen else {
-        let _ = writeln!(out, "live: set metrics_listen in the config to see the running server's counters");
+        let _ = writeln!(
+            out,
+            "live: set metrics_listen in the config to see the running server's counters"
+        );
         return Ok(out);
     };
     let http = Http::new(Duration::from_secs(3));
@@ -48,20 +55,48 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
         let label = |k: &str| labels.iter().find(|(n, _)| *n == k).map_or("", |(_, v)| *v);
         match *name {
             "wxgate_pushes_total" => {
-                let _ = writeln!(out, "  pushes   {:<12} {:<32} {:<13} {value}", label("account"), label("kind"), label("outcome"));
+                let _ = writeln!(
+                    out,
+                    "  pushes   {:<12} {:<32} {:<13} {value}",
+                    label("account"),
+                    label("kind"),
+                    label("outcome")
+                );
             }
             "wxgate_rejected_total" => {
-                let _ = writeln!(out, "  refused  {:<12} {:<32} {value}", label("account"), label("reason"));
+                let _ = writeln!(
+                    out,
+                    "  refused  {:<12} {:<32} {value}",
+                    label("account"),
+                    label("reason")
+                );
             }
             "wxgate_reply_seconds_count" => {
                 let account = label("account");
                 let buckets: Vec<(f64, f64)> = samples
                     .iter()
-                    .filter(|(n, l, _)| *n == "wxgate_reply_seconds_bucket" && l.contains(&("account", account)))
-                    .filter_map(|(_, l, v)| l.iter().find(|(k, _)| *k == "le").and_then(|(_, le)| le.parse().ok()).map(|le| (le, *v)))
+                    .filter(|(n, l, _)| {
+                        *n == "wxgate_reply_seconds_bucket" && l.contains(&("account", account))
+                    })
+                    .filter_map(|(_, l, v)| {
+                        l.iter()
+                            .find(|(k, _)| *k == "le")
+                            .and_then(|(_, le)| le.parse().ok())
+                            .map(|le| (le, *v))
+                    })
                     .collect();
-                let q = |q: f64| buckets.iter().find(|(_, n)| *n >= value * q).map_or("> 5 s".to_owned(), |(le, _)| format!("<= {le} s"));
-                let _ = writeln!(out, "  latency  {account:<12} p50 {}, p99 {} over {value} pushes", q(0.5), q(0.99));
+                let q = |q: f64| {
+                    buckets
+                        .iter()
+                        .find(|(_, n)| *n >= value * q)
+                        .map_or("> 5 s".to_owned(), |(le, _)| format!("<= {le} s"))
+                };
+                let _ = writeln!(
+                    out,
+                    "  latency  {account:<12} p50 {}, p99 {} over {value} pushes",
+                    q(0.5),
+                    q(0.99)
+                );
             }
             n if n.starts_with("wxgate_store_") || n == "wxgate_dedup_memory_entries" => {
                 let _ = writeln!(out, "  {:<40} {value}", n.trim_start_matches("wxgate_"));

@@ -22,8 +22,10 @@ const MAX_BATCH: usize = 512;
 /// Requests that may wait for the writer before callers wait too.
 const QUEUE: usize = 8192;
 
-const MIGRATIONS: &[&str] =
-    &[include_str!("../migrations/sqlite/0001_pushes.sql"), include_str!("../migrations/sqlite/0002_forwarding.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_pushes.sql"),
+    include_str!("../migrations/sqlite/0002_forwarding.sql"),
+];
 
 /// A store failure. The push is not acknowledged, so WeChat delivers it again.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -143,24 +145,45 @@ pub struct Due {
 pub enum Attempted {
     Delivered,
     /// Failed; try again at `next_at_ms`, or park it as dead when `dead`.
-    Failed { error: String, next_at_ms: i64, dead: bool },
+    Failed {
+        error: String,
+        next_at_ms: i64,
+        dead: bool,
+    },
 }
 
 enum Op {
     Insert(Box<NewRecord>, oneshot::Sender<Result<Inserted, StoreError>>),
     Update(Box<Update>, oneshot::Sender<Result<(), StoreError>>),
-    Attempted { id: i64, result: Attempted, done: oneshot::Sender<Result<(), StoreError>> },
+    Attempted {
+        id: i64,
+        result: Attempted,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Makes dead (or all failed-and-waiting) entries due again; answers how many.
-    Redrive { id: Option<i64>, done: oneshot::Sender<Result<usize, StoreError>> },
-    Retry { account: String, dedup_key: String },
+    Redrive {
+        id: Option<i64>,
+        done: oneshot::Sender<Result<usize, StoreError>>,
+    },
+    Retry {
+        account: String,
+        dedup_key: String,
+    },
     /// Answers once a transaction has committed: the store is writable.
     Probe(oneshot::Sender<Result<(), StoreError>>),
     /// Commit what is queued, then stop.
     Close,
     /// Deletes records older than their kind's cutoff; answers how many.
-    Purge { cutoffs: Vec<(Option<String>, i64)>, done: oneshot::Sender<Result<usize, StoreError>> },
+    Purge {
+        cutoffs: Vec<(Option<String>, i64)>,
+        done: oneshot::Sender<Result<usize, StoreError>>,
+    },
     /// Deletes every record of one follower; answers how many.
-    Forget { account: String, openid: String, done: oneshot::Sender<Result<usize, StoreError>> },
+    Forget {
+        account: String,
+        openid: String,
+        done: oneshot::Sender<Result<usize, StoreError>>,
+    },
 }
 
 /// Handle to the store; cheap to clone.
@@ -200,7 +223,10 @@ impl Store {
     /// Opens (creating if needed) `DIR/wxgate.db`, migrates it and starts the writer.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join("wxgate.db");
-        let fail = |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
+        let fail = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
         std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         let mut conn = Connection::open(&path).map_err(|e| fail(&e))?;
         conn.busy_timeout(Duration::from_secs(2)).map_err(|e| fail(&e))?;
@@ -209,7 +235,11 @@ impl Store {
         migrate(&mut conn).map_err(|e| fail(&e))?;
 
         let (tx, rx) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared { healthy: AtomicBool::new(true), writer: Mutex::new(None), stats: Mutex::default() });
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(true),
+            writer: Mutex::new(None),
+            stats: Mutex::default(),
+        });
         let for_writer = shared.clone();
         let handle = std::thread::Builder::new()
             .name("wxgate-store".into())
@@ -251,7 +281,9 @@ impl Store {
         let shared = self.shared.clone();
         let _ = self.tx.try_send(Op::Close).or_else(|_| self.tx.blocking_send(Op::Close));
         drop(self);
-        let Some(handle) = shared.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else { return true };
+        let Some(handle) = shared.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return true;
+        };
         let deadline = Instant::now() + timeout;
         while !handle.is_finished() {
             if Instant::now() >= deadline {
@@ -312,7 +344,10 @@ impl Store {
     /// Deletes every record and outbox entry of one follower of an account.
     pub async fn forget(&self, account: &str, openid: &str) -> Result<usize, StoreError> {
         let (done, wait) = oneshot::channel();
-        self.tx.send(Op::Forget { account: account.to_owned(), openid: openid.to_owned(), done }).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Op::Forget { account: account.to_owned(), openid: openid.to_owned(), done })
+            .await
+            .map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -347,7 +382,9 @@ impl Store {
 
     /// Counts one more delivery of a recorded push; best effort, nobody waits for it.
     pub fn note_retry(&self, account: &str, dedup_key: &str) {
-        let _ = self.tx.try_send(Op::Retry { account: account.to_owned(), dedup_key: dedup_key.to_owned() });
+        let _ = self
+            .tx
+            .try_send(Op::Retry { account: account.to_owned(), dedup_key: dedup_key.to_owned() });
     }
 
     /// The keys answered since `since_ms`, newest first, at most `limit`.
@@ -470,7 +507,11 @@ enum OpResult {
     Count(usize),
 }
 
-fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult>>) -> Result<(), StoreError> {
+fn commit(
+    conn: &mut Connection,
+    batch: &[Op],
+    results: &mut Vec<Option<OpResult>>,
+) -> Result<(), StoreError> {
     let werr = |e: rusqlite::Error| StoreError::Write(e.to_string());
     let tx = conn.transaction().map_err(werr)?;
     {
@@ -482,8 +523,11 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult
                  ON CONFLICT (account, dedup_key) DO NOTHING",
             )
             .map_err(werr)?;
-        let mut existing =
-            tx.prepare_cached("SELECT reply, status FROM pushes WHERE account = ?1 AND dedup_key = ?2").map_err(werr)?;
+        let mut existing = tx
+            .prepare_cached(
+                "SELECT reply, status FROM pushes WHERE account = ?1 AND dedup_key = ?2",
+            )
+            .map_err(werr)?;
         let mut retry = tx
             .prepare_cached("UPDATE pushes SET deliveries = deliveries + 1 WHERE account = ?1 AND dedup_key = ?2")
             .map_err(werr)?;
@@ -524,7 +568,9 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult
                         Inserted::New
                     } else {
                         let (reply, status): (Option<String>, String) = existing
-                            .query_row(params![r.account, r.dedup_key], |row| Ok((row.get(0)?, row.get(1)?)))
+                            .query_row(params![r.account, r.dedup_key], |row| {
+                                Ok((row.get(0)?, row.get(1)?))
+                            })
                             .optional()
                             .map_err(werr)?
                             .unwrap_or_default();
@@ -568,16 +614,21 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult
                     results.push(Some(OpResult::Count(n)));
                 }
                 Op::Purge { cutoffs, .. } => {
-                    let named: Vec<&str> = cutoffs.iter().filter_map(|(k, _)| k.as_deref()).collect();
+                    let named: Vec<&str> =
+                        cutoffs.iter().filter_map(|(k, _)| k.as_deref()).collect();
                     let mut n = 0;
                     for (kind, cutoff) in cutoffs {
                         n += match kind {
                             Some(kind) => tx
-                                .execute("DELETE FROM pushes WHERE kind = ?1 AND received_at < ?2", params![kind, cutoff])
+                                .execute(
+                                    "DELETE FROM pushes WHERE kind = ?1 AND received_at < ?2",
+                                    params![kind, cutoff],
+                                )
                                 .map_err(werr)?,
                             None => {
                                 // Every kind without a cutoff of its own.
-                                let list = serde_json::to_string(&named).unwrap_or_else(|_| "[]".into());
+                                let list =
+                                    serde_json::to_string(&named).unwrap_or_else(|_| "[]".into());
                                 tx.execute(
                                     "DELETE FROM pushes WHERE received_at < ?1 AND kind NOT IN (SELECT value FROM json_each(?2))",
                                     params![cutoff, list],
@@ -602,7 +653,11 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult
                             params![account, openid],
                         )
                         .map_err(werr)?;
-                    tx.execute("DELETE FROM outbox WHERE account = ?1 AND follower = ?2", params![account, openid]).map_err(werr)?;
+                    tx.execute(
+                        "DELETE FROM outbox WHERE account = ?1 AND follower = ?2",
+                        params![account, openid],
+                    )
+                    .map_err(werr)?;
                     results.push(Some(OpResult::Count(n)));
                 }
                 Op::Retry { account, dedup_key } => {
@@ -617,8 +672,11 @@ fn commit(conn: &mut Connection, batch: &[Op], results: &mut Vec<Option<OpResult
 }
 
 fn open_read(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(read_err)?;
     Ok(conn)
 }
@@ -807,7 +865,10 @@ mod tests {
 
         // Reopened, as after a restart.
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.insert(record("k", None)).await.unwrap(), Inserted::Existing { reply: Some("<xml>r</xml>".into()), status: Status::Answered });
+        assert_eq!(
+            store.insert(record("k", None)).await.unwrap(),
+            Inserted::Existing { reply: Some("<xml>r</xml>".into()), status: Status::Answered }
+        );
         let rows = read_all(dir.path(), None).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].deliveries, 3);
@@ -824,7 +885,9 @@ mod tests {
                 .map(|i| {
                     store.note_retry("a", "seen");
                     let s = store.clone();
-                    tokio::spawn(async move { s.insert(record(&format!("r{round}-{i}"), None)).await })
+                    tokio::spawn(
+                        async move { s.insert(record(&format!("r{round}-{i}"), None)).await },
+                    )
                 })
                 .collect();
             for w in waits {
@@ -840,7 +903,9 @@ mod tests {
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let s = store.clone();
-                tokio::spawn(async move { s.insert(record(&format!("k{}", i % 100), None)).await.unwrap() })
+                tokio::spawn(async move {
+                    s.insert(record(&format!("k{}", i % 100), None)).await.unwrap()
+                })
             })
             .collect();
         let mut new = 0;

@@ -48,7 +48,13 @@ pub struct WechatApi {
 
 impl WechatApi {
     pub fn new(client: Client, base: &str, app_id: &str, secret: Secret) -> WechatApi {
-        WechatApi { client, base: base.trim_end_matches('/').to_owned(), app_id: app_id.to_owned(), secret, token: Mutex::new(None) }
+        WechatApi {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+            app_id: app_id.to_owned(),
+            secret,
+            token: Mutex::new(None),
+        }
     }
 
     /// A valid access token, from the cache when it is fresh. Holding the lock across the
@@ -68,7 +74,9 @@ impl WechatApi {
     /// hands back the refused token.
     async fn replace_token(&self, refused: &str) -> Result<String, ApiError> {
         let mut cached = self.token.lock().await;
-        if let Some(c) = cached.as_ref().filter(|c| c.value != refused && Instant::now() < c.refresh_at) {
+        if let Some(c) =
+            cached.as_ref().filter(|c| c.value != refused && Instant::now() < c.refresh_at)
+        {
             // Another caller already replaced it.
             return Ok(c.value.clone());
         }
@@ -89,7 +97,11 @@ impl WechatApi {
             "force_refresh": force,
         });
         let v = self.post("/cgi-bin/stable_token", body).await?;
-        let value = v["access_token"].as_str().filter(|t| !t.is_empty()).ok_or_else(|| api_error(&v))?.to_owned();
+        let value = v["access_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| api_error(&v))?
+            .to_owned();
         let ttl = v["expires_in"].as_u64().unwrap_or(7200);
         // Refresh a little before expiry (a fifth of the lifetime, at most five minutes).
         let refresh_at = Instant::now() + Duration::from_secs(ttl - (ttl / 5).min(300));
@@ -107,7 +119,10 @@ impl WechatApi {
                 0 => return Ok(()),
                 40001 | 40014 | 42001 if attempt == 0 => token = self.replace_token(&token).await?,
                 code @ (45015 | 45047) => {
-                    return Err(ApiError::Quota { code, message: v["errmsg"].as_str().unwrap_or_default().to_owned() });
+                    return Err(ApiError::Quota {
+                        code,
+                        message: v["errmsg"].as_str().unwrap_or_default().to_owned(),
+                    });
                 }
                 _ => return Err(api_error(&v)),
             }
@@ -119,18 +134,32 @@ impl WechatApi {
         let url = format!("{}{path}", self.base);
         let answer = self
             .client
-            .send("POST", &url, &[("content-type", "application/json")], Bytes::from(body.to_string()), CALL_TIMEOUT)
+            .send(
+                "POST",
+                &url,
+                &[("content-type", "application/json")],
+                Bytes::from(body.to_string()),
+                CALL_TIMEOUT,
+            )
             .await
             .map_err(ApiError::Transport)?;
         if answer.status != 200 {
-            return Err(ApiError::Transport(format!("HTTP {} from {}", answer.status, path.split('?').next().unwrap_or(path))));
+            return Err(ApiError::Transport(format!(
+                "HTTP {} from {}",
+                answer.status,
+                path.split('?').next().unwrap_or(path)
+            )));
         }
-        serde_json::from_slice(&answer.body).map_err(|e| ApiError::Transport(format!("answer is not JSON: {e}")))
+        serde_json::from_slice(&answer.body)
+            .map_err(|e| ApiError::Transport(format!("answer is not JSON: {e}")))
     }
 }
 
 fn api_error(v: &Value) -> ApiError {
-    ApiError::Api { code: v["errcode"].as_i64().unwrap_or(-1), message: v["errmsg"].as_str().unwrap_or("no token in the answer").to_owned() }
+    ApiError::Api {
+        code: v["errcode"].as_i64().unwrap_or(-1),
+        message: v["errmsg"].as_str().unwrap_or("no token in the answer").to_owned(),
+    }
 }
 
 /// The customer-service form of a passive reply; `None` for no reply.
@@ -156,7 +185,9 @@ pub fn custom_message(openid: &str, reply: &Reply) -> Result<Option<Value>, ApiE
                 .collect();
             ("news", json!({ "articles": items }))
         }
-        Reply::TransferCustomerService { .. } => return Err(ApiError::Unsendable("transfer_customer_service")),
+        Reply::TransferCustomerService { .. } => {
+            return Err(ApiError::Unsendable("transfer_customer_service"));
+        }
     };
     Ok(Some(json!({ "touser": openid, "msgtype": kind, kind: body })))
 }

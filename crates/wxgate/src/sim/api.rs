@@ -130,29 +130,38 @@ impl MockApi {
             .route("/cgi-bin/user/info", get(user_info))
             .route("/sim/calls", get(|State(m): State<MockApi>| async move { Json(m.calls()) }))
             // Control bodies are JSON whatever their Content-Type says.
-            .route("/sim/faults", post(|State(m): State<MockApi>, body: Bytes| async move {
-                match serde_json::from_slice::<Fault>(&body) {
-                    Ok(f) => {
-                        m.inject(f);
-                        Json(json!({"ok": true}))
+            .route(
+                "/sim/faults",
+                post(|State(m): State<MockApi>, body: Bytes| async move {
+                    match serde_json::from_slice::<Fault>(&body) {
+                        Ok(f) => {
+                            m.inject(f);
+                            Json(json!({"ok": true}))
+                        }
+                        Err(e) => Json(json!({"ok": false, "error": e.to_string()})),
                     }
-                    Err(e) => Json(json!({"ok": false, "error": e.to_string()})),
-                }
-            }))
-            .route("/sim/interactions", post(|State(m): State<MockApi>, body: Bytes| async move {
-                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                match v["openid"].as_str() {
-                    Some(openid) => {
-                        m.interaction(openid);
-                        Json(json!({"ok": true}))
+                }),
+            )
+            .route(
+                "/sim/interactions",
+                post(|State(m): State<MockApi>, body: Bytes| async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                    match v["openid"].as_str() {
+                        Some(openid) => {
+                            m.interaction(openid);
+                            Json(json!({"ok": true}))
+                        }
+                        None => Json(json!({"ok": false, "error": "give {\"openid\": \"...\"}"})),
                     }
-                    None => Json(json!({"ok": false, "error": "give {\"openid\": \"...\"}"})),
-                }
-            }))
-            .route("/sim/reset", post(|State(m): State<MockApi>| async move {
-                *m.world.lock().unwrap_or_else(|p| p.into_inner()) = World::default();
-                Json(json!({"ok": true}))
-            }))
+                }),
+            )
+            .route(
+                "/sim/reset",
+                post(|State(m): State<MockApi>| async move {
+                    *m.world.lock().unwrap_or_else(|p| p.into_inner()) = World::default();
+                    Json(json!({"ok": true}))
+                }),
+            )
             .with_state(self.clone())
     }
 
@@ -174,7 +183,12 @@ impl MockApi {
     /// The access token currently valid, if any.
     pub fn current_token(&self) -> Option<String> {
         let now = Instant::now();
-        self.lock().tokens.iter().rev().find(|t| t.superseded.is_none() && t.expires > now).map(|t| t.value.clone())
+        self.lock()
+            .tokens
+            .iter()
+            .rev()
+            .find(|t| t.superseded.is_none() && t.expires > now)
+            .map(|t| t.value.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, World> {
@@ -229,7 +243,11 @@ impl MockApi {
         for t in w.tokens.iter_mut().filter(|t| t.superseded.is_none()) {
             t.superseded = Some(now);
         }
-        w.tokens.push(Token { value: value.clone(), expires: now + self.opts.token_ttl, superseded: None });
+        w.tokens.push(Token {
+            value: value.clone(),
+            expires: now + self.opts.token_ttl,
+            superseded: None,
+        });
         json!({"access_token": value, "expires_in": self.opts.token_ttl.as_secs()})
     }
 
@@ -287,8 +305,20 @@ fn parse_query(q: &Option<String>) -> HashMap<String, String> {
 }
 
 /// Runs one endpoint: faults, the handler, recording.
-async fn call(m: &MockApi, method: Method, path: &str, query: Option<String>, body: &Bytes, handler: impl FnOnce(&HashMap<String, String>, &Value) -> Value) -> Response {
-    let body_json: Value = if body.is_empty() { Value::Null } else { serde_json::from_slice(body).unwrap_or(Value::String(String::from_utf8_lossy(body).into_owned())) };
+async fn call(
+    m: &MockApi,
+    method: Method,
+    path: &str,
+    query: Option<String>,
+    body: &Bytes,
+    handler: impl FnOnce(&HashMap<String, String>, &Value) -> Value,
+) -> Response {
+    let body_json: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .unwrap_or(Value::String(String::from_utf8_lossy(body).into_owned()))
+    };
     let q = parse_query(&query);
     let response = match m.fault(path).await {
         Some(injected) => injected,
@@ -330,7 +360,9 @@ async fn stable_token(State(m): State<MockApi>, RawQuery(q): RawQuery, body: Byt
         let now = Instant::now();
         if b["force_refresh"] != true {
             let w = m.lock();
-            if let Some(t) = w.tokens.iter().rev().find(|t| t.superseded.is_none() && t.expires > now) {
+            if let Some(t) =
+                w.tokens.iter().rev().find(|t| t.superseded.is_none() && t.expires > now)
+            {
                 let left = t.expires.duration_since(now).as_secs();
                 return json!({"access_token": t.value, "expires_in": left});
             }
@@ -364,11 +396,16 @@ async fn custom_send(State(m): State<MockApi>, RawQuery(q): RawQuery, body: Byte
         }
         let Some(to) = b["touser"].as_str().filter(|t| !t.is_empty()) else { return error(40003) };
         let msgtype = b["msgtype"].as_str().unwrap_or_default();
-        let Some((_, field)) = CS_TYPES.iter().find(|(t, _)| *t == msgtype) else { return error(47001) };
+        let Some((_, field)) = CS_TYPES.iter().find(|(t, _)| *t == msgtype) else {
+            return error(47001);
+        };
         let payload = &b[msgtype];
         let ok = match msgtype {
             "news" => payload["articles"].as_array().is_some_and(|a| (1..=8).contains(&a.len())),
-            _ => payload[*field].as_str().is_some_and(|s| !s.is_empty()) || payload[*field].is_array(),
+            _ => {
+                payload[*field].as_str().is_some_and(|s| !s.is_empty())
+                    || payload[*field].is_array()
+            }
         };
         if !ok {
             return error(47001);
@@ -395,9 +432,15 @@ async fn qrcode_create(State(m): State<MockApi>, RawQuery(q): RawQuery, body: By
         let action = b["action_name"].as_str().unwrap_or_default();
         let scene = &b["action_info"]["scene"];
         let valid = match action {
-            "QR_SCENE" => scene["scene_id"].as_u64().is_some_and(|id| id > 0 && id <= u32::MAX as u64),
-            "QR_LIMIT_SCENE" => scene["scene_id"].as_u64().is_some_and(|id| (1..=100_000).contains(&id)),
-            "QR_STR_SCENE" | "QR_LIMIT_STR_SCENE" => scene["scene_str"].as_str().is_some_and(|s| (1..=64).contains(&s.len())),
+            "QR_SCENE" => {
+                scene["scene_id"].as_u64().is_some_and(|id| id > 0 && id <= u32::MAX as u64)
+            }
+            "QR_LIMIT_SCENE" => {
+                scene["scene_id"].as_u64().is_some_and(|id| (1..=100_000).contains(&id))
+            }
+            "QR_STR_SCENE" | "QR_LIMIT_STR_SCENE" => {
+                scene["scene_str"].as_str().is_some_and(|s| (1..=64).contains(&s.len()))
+            }
             _ => false,
         };
         if !valid {
@@ -408,7 +451,8 @@ async fn qrcode_create(State(m): State<MockApi>, RawQuery(q): RawQuery, body: By
         let ticket = m.new_id("gQSim");
         let expires = temporary.then(|| Instant::now() + Duration::from_secs(expire));
         m.lock().qrcodes.insert(ticket.clone(), Qr { scene: scene.clone(), expires });
-        let mut answer = json!({"ticket": ticket, "url": format!("http://weixin.qq.com/q/{ticket}")});
+        let mut answer =
+            json!({"ticket": ticket, "url": format!("http://weixin.qq.com/q/{ticket}")});
         if temporary {
             answer["expire_seconds"] = expire.into();
         }
@@ -460,13 +504,19 @@ fn check_button(b: &Value, sub: bool) -> Result<(), i64> {
     if !BUTTON_TYPES.contains(&kind) {
         return Err(40017);
     }
-    let need = |field: &str, code| if b[field].as_str().is_some_and(|v| !v.is_empty()) { Ok(()) } else { Err(code) };
+    let need = |field: &str, code| {
+        if b[field].as_str().is_some_and(|v| !v.is_empty()) { Ok(()) } else { Err(code) }
+    };
     match kind {
         "view" => need("url", 40054),
         "miniprogram" => need("appid", 40017).and(need("pagepath", 40017)),
         "media_id" | "view_limited" => need("media_id", 40017),
         "article_id" | "article_view_limited" => need("article_id", 40017),
-        _ => need("key", 40019).and(if b["key"].as_str().map_or(0, str::len) > 128 { Err(40019) } else { Ok(()) }),
+        _ => need("key", 40019).and(if b["key"].as_str().map_or(0, str::len) > 128 {
+            Err(40019)
+        } else {
+            Ok(())
+        }),
     }
 }
 
@@ -475,7 +525,9 @@ async fn menu_create(State(m): State<MockApi>, RawQuery(q): RawQuery, body: Byte
         if let Err(e) = m.check_token(q) {
             return e;
         }
-        let Some(buttons) = b["button"].as_array().filter(|a| (1..=3).contains(&a.len())) else { return error(40016) };
+        let Some(buttons) = b["button"].as_array().filter(|a| (1..=3).contains(&a.len())) else {
+            return error(40016);
+        };
         if let Err(code) = buttons.iter().try_for_each(|button| check_button(button, false)) {
             return error(code);
         }
@@ -516,7 +568,9 @@ async fn user_info(State(m): State<MockApi>, RawQuery(q): RawQuery) -> Response 
         }
         let openid = q.get("openid").map(String::as_str).unwrap_or_default();
         // OpenIDs are 28 characters of [A-Za-z0-9_-].
-        if openid.len() != 28 || !openid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if openid.len() != 28
+            || !openid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             return error(40003);
         }
         json!({

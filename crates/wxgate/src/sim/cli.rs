@@ -150,7 +150,9 @@ impl Target {
     fn account(&self) -> anyhow::Result<(Account, Mode, Rules)> {
         check_url(&self.url)?;
         let aes_key = match &self.aes_key {
-            Some(k) => Some(EncodingAesKey::parse(k).map_err(|e| anyhow::anyhow!("--aes-key: {e}"))?),
+            Some(k) => {
+                Some(EncodingAesKey::parse(k).map_err(|e| anyhow::anyhow!("--aes-key: {e}"))?)
+            }
             None => None,
         };
         let mode = match (self.mode, &aes_key) {
@@ -159,7 +161,12 @@ impl Target {
             (Some(ModeArg::Safe), Some(_)) | (None, Some(_)) => Mode::Safe,
             (Some(_), None) => bail!("--mode compatible and safe need --aes-key"),
         };
-        let account = Account { token: self.token.clone(), app_id: self.app_id.clone(), aes_key, original_id: self.to.clone() };
+        let account = Account {
+            token: self.token.clone(),
+            app_id: self.app_id.clone(),
+            aes_key,
+            original_id: self.to.clone(),
+        };
         let rules = Rules {
             deadline: Duration::from_millis(self.deadline_ms),
             attempts: self.attempts.max(1),
@@ -178,7 +185,10 @@ impl Target {
 fn check_url(url: &str) -> anyhow::Result<()> {
     let lower = url.to_ascii_lowercase();
     if lower.starts_with("https://") {
-        let path = url.parse::<hyper::Uri>().map(|u| u.path().to_owned()).unwrap_or_else(|_| "/wechat".into());
+        let path = url
+            .parse::<hyper::Uri>()
+            .map(|u| u.path().to_owned())
+            .unwrap_or_else(|_| "/wechat".into());
         bail!(
             "--url {url}: https:// is not supported by the simulator yet; give the plain-HTTP address wxgate \
              listens on (behind your TLS proxy), e.g. http://127.0.0.1:8080{path}"
@@ -197,11 +207,16 @@ fn check_url(url: &str) -> anyhow::Result<()> {
 /// `HOST:PORT` to socket addresses (an IP, or a host name that resolves), for a listen
 /// flag; errors name the flag.
 pub fn resolve(flag: &str, addr: &str) -> anyhow::Result<Vec<SocketAddr>> {
-    let has_port = addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    let has_port = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
     if !has_port {
         bail!("{flag} {addr:?}: give HOST:PORT, e.g. 127.0.0.1:8080 or localhost:8081");
     }
-    let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(|e| anyhow!("{flag} {addr:?}: cannot resolve the host: {e}"))?.collect();
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| anyhow!("{flag} {addr:?}: cannot resolve the host: {e}"))?
+        .collect();
     if addrs.is_empty() {
         bail!("{flag} {addr:?}: the host name resolves to no address");
     }
@@ -224,12 +239,23 @@ async fn run_async(cmd: SimCommand) -> anyhow::Result<ExitCode> {
             let now = unix_now();
             let inner = match (xml, kind) {
                 (Some(_), Some(_)) => bail!("give either a push kind or --xml FILE, not both"),
-                (Some(path), None) => std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-                (None, Some(kind)) => kind.to_xml(&target.to, &target.follower("cli"), now, random_msg_id()),
+                (Some(path), None) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                (None, Some(kind)) => {
+                    kind.to_xml(&target.to, &target.follower("cli"), now, random_msg_id())
+                }
                 (None, None) => bail!("give a push kind (e.g. `text --content hi`) or --xml FILE"),
             };
-            let from = wxgate_protocol::xml::parse(&inner).ok().and_then(|d| d.text_of("FromUserName").map(str::to_owned));
-            writeln!(out, "{} from {} to {} ({mode:?} mode)", push_label(&inner), from.as_deref().unwrap_or("?"), target.url)?;
+            let from = wxgate_protocol::xml::parse(&inner)
+                .ok()
+                .and_then(|d| d.text_of("FromUserName").map(str::to_owned));
+            writeln!(
+                out,
+                "{} from {} to {} ({mode:?} mode)",
+                push_label(&inner),
+                from.as_deref().unwrap_or("?"),
+                target.url
+            )?;
             let report = deliver(&account, &target.url, &inner, mode, rules).await;
             print_report(&mut out, &report)?;
             if let Seen::Reply { xml, .. } = &report.seen {
@@ -245,24 +271,43 @@ async fn run_async(cmd: SimCommand) -> anyhow::Result<ExitCode> {
             run_scenario(&mut out, &target, scenario, EXIT_SERVICE_ERROR).await
         }
         SimCommand::Scenario { file, target } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let scenario = Scenario::parse(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let scenario =
+                Scenario::parse(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
             run_scenario(&mut out, &target, scenario, EXIT_EXPECTATION).await
         }
         SimCommand::Replay { files, target } => {
             let (account, mode, rules) = target.account()?;
             let docs = read_recorded(&files)?;
-            writeln!(out, "{} push{} to {} ({mode:?} mode)", docs.len(), if docs.len() == 1 { "" } else { "es" }, target.url)?;
+            writeln!(
+                out,
+                "{} push{} to {} ({mode:?} mode)",
+                docs.len(),
+                if docs.len() == 1 { "" } else { "es" },
+                target.url
+            )?;
             let mut answered = 0;
             for (i, inner) in docs.iter().enumerate() {
                 let report = deliver(&account, &target.url, inner, mode, rules).await;
-                writeln!(out, "[{:>3}] {} -> {} ({})", i + 1, push_label(inner), describe(&report.seen), deliveries(&report))?;
+                writeln!(
+                    out,
+                    "[{:>3}] {} -> {} ({})",
+                    i + 1,
+                    push_label(inner),
+                    describe(&report.seen),
+                    deliveries(&report)
+                )?;
                 if !matches!(report.seen, Seen::ServiceError(_)) {
                     answered += 1;
                 }
             }
             writeln!(out, "{answered} of {} pushes answered", docs.len())?;
-            Ok(if answered < docs.len() { ExitCode::from(EXIT_SERVICE_ERROR) } else { ExitCode::SUCCESS })
+            Ok(if answered < docs.len() {
+                ExitCode::from(EXIT_SERVICE_ERROR)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         SimCommand::Load { target, followers, rate, duration, concurrency, retry_ratio } => {
             if !(rate.is_finite() && rate > 0.0) {
@@ -271,7 +316,8 @@ async fn run_async(cmd: SimCommand) -> anyhow::Result<ExitCode> {
             if !(duration.is_finite() && duration > 0.0) {
                 bail!("--duration must be more than 0 seconds, got {duration}");
             }
-            let duration = Duration::try_from_secs_f64(duration).map_err(|_| anyhow!("--duration {duration}: too long"))?;
+            let duration = Duration::try_from_secs_f64(duration)
+                .map_err(|_| anyhow!("--duration {duration}: too long"))?;
             if !(0.0..=1.0).contains(&retry_ratio) {
                 bail!("--retry-ratio must be between 0 and 1, got {retry_ratio}");
             }
@@ -293,7 +339,11 @@ async fn run_async(cmd: SimCommand) -> anyhow::Result<ExitCode> {
                 let speed = done as f64 / elapsed.as_secs_f64().max(1e-3);
                 if tty {
                     let filled = ((done as f64 / expected as f64) * 30.0).min(30.0) as usize;
-                    eprint!("\r[{}{}] {done}/{expected} pushes, {errors} errors, {speed:.0}/s   ", "=".repeat(filled), " ".repeat(30 - filled));
+                    eprint!(
+                        "\r[{}{}] {done}/{expected} pushes, {errors} errors, {speed:.0}/s   ",
+                        "=".repeat(filled),
+                        " ".repeat(30 - filled)
+                    );
                 } else if last_line.elapsed() >= Duration::from_secs(5) {
                     eprintln!("{done}/{expected} pushes, {errors} errors, {speed:.0}/s");
                     last_line = Instant::now();
@@ -314,11 +364,32 @@ async fn run_async(cmd: SimCommand) -> anyhow::Result<ExitCode> {
             if listed < summary.errors {
                 writeln!(out, "  {:>6} x other reasons", summary.errors - listed)?;
             }
-            writeln!(out, "redelivered:     {} (pushes that needed more than one delivery)", summary.redelivered)?;
-            writeln!(out, "retries sent:    {} ({} answered differently from the first delivery)", summary.retried, summary.retry_mismatches)?;
-            writeln!(out, "latency:         p50 {:?}, p99 {:?}, max {:?}", summary.p50, summary.p99, summary.max)?;
-            writeln!(out, "throughput:      {:.0} pushes/s over {:.1?}", summary.throughput(), summary.elapsed)?;
-            Ok(if summary.errors > 0 || summary.retry_mismatches > 0 { ExitCode::from(EXIT_SERVICE_ERROR) } else { ExitCode::SUCCESS })
+            writeln!(
+                out,
+                "redelivered:     {} (pushes that needed more than one delivery)",
+                summary.redelivered
+            )?;
+            writeln!(
+                out,
+                "retries sent:    {} ({} answered differently from the first delivery)",
+                summary.retried, summary.retry_mismatches
+            )?;
+            writeln!(
+                out,
+                "latency:         p50 {:?}, p99 {:?}, max {:?}",
+                summary.p50, summary.p99, summary.max
+            )?;
+            writeln!(
+                out,
+                "throughput:      {:.0} pushes/s over {:.1?}",
+                summary.throughput(),
+                summary.elapsed
+            )?;
+            Ok(if summary.errors > 0 || summary.retry_mismatches > 0 {
+                ExitCode::from(EXIT_SERVICE_ERROR)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         SimCommand::Api { listen, app_id, secret, token_ttl, grace } => {
             let mock = api::MockApi::new(api::Options {
@@ -329,7 +400,9 @@ async fn run_async(cmd: SimCommand) -> anyhow::Result<ExitCode> {
                 ..api::Options::default()
             });
             let addrs = resolve("--listen", &listen)?;
-            let listener = tokio::net::TcpListener::bind(&addrs[..]).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let listener = tokio::net::TcpListener::bind(&addrs[..])
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("mock WeChat API listening on http://{}", listener.local_addr()?);
             axum::serve(listener, mock.router()).await?;
             Ok(ExitCode::SUCCESS)
@@ -338,11 +411,18 @@ async fn run_async(cmd: SimCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs the steps, one line each; `failure_code` is the exit code when a step fails.
-async fn run_scenario(out: &mut impl Write, target: &Target, scenario: Scenario, failure_code: u8) -> anyhow::Result<ExitCode> {
+async fn run_scenario(
+    out: &mut impl Write,
+    target: &Target,
+    scenario: Scenario,
+    failure_code: u8,
+) -> anyhow::Result<ExitCode> {
     let (account, mode, rules) = target.account()?;
     let several = scenario.follower_count() > 1;
     let who = match scenario.followers.as_slice() {
-        [only] if !several => only.openid.as_deref().map(|o| format!(" as {o}")).unwrap_or_default(),
+        [only] if !several => {
+            only.openid.as_deref().map(|o| format!(" as {o}")).unwrap_or_default()
+        }
         _ if several => format!(" by {} followers", scenario.follower_count()),
         _ => String::new(),
     };
@@ -350,9 +430,18 @@ async fn run_scenario(out: &mut impl Write, target: &Target, scenario: Scenario,
     let results = scenario
         .run(&account, &target.url, mode, rules, |i, r| {
             let mark = if r.failure.is_some() { "FAIL" } else { "ok" };
-            let label = if several { format!("{}: {}", r.follower, r.label) } else { r.label.clone() };
+            let label =
+                if several { format!("{}: {}", r.follower, r.label) } else { r.label.clone() };
             // A closed stdout (`| head`) must not stop the run; its end is reported below.
-            let _ = writeln!(out, "[{:>2}] {:<4} {:<60} -> {} ({})", i + 1, mark, label, describe(&r.report.seen), deliveries(&r.report));
+            let _ = writeln!(
+                out,
+                "[{:>2}] {:<4} {:<60} -> {} ({})",
+                i + 1,
+                mark,
+                label,
+                describe(&r.report.seen),
+                deliveries(&r.report)
+            );
             if let Some(f) = &r.failure {
                 let _ = writeln!(out, "          {f}");
             }
@@ -395,7 +484,9 @@ fn print_report(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
         let what = match &a.result {
             Ok((200, body)) => format!("HTTP 200, {} bytes", body.len()),
             // Why the server refused: its answer's body, as far as it is readable.
-            Ok((status, body)) if !body.trim().is_empty() => format!("HTTP {status} {:?}", shorten(body.trim(), 200)),
+            Ok((status, body)) if !body.trim().is_empty() => {
+                format!("HTTP {status} {:?}", shorten(body.trim(), 200))
+            }
             Ok((status, _)) => format!("HTTP {status}, empty body"),
             Err(e) => e.clone(),
         };
@@ -405,7 +496,11 @@ fn print_report(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
 }
 
 fn exit(seen: &Seen) -> ExitCode {
-    if matches!(seen, Seen::ServiceError(_)) { ExitCode::from(EXIT_SERVICE_ERROR) } else { ExitCode::SUCCESS }
+    if matches!(seen, Seen::ServiceError(_)) {
+        ExitCode::from(EXIT_SERVICE_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn unix_now() -> u64 {
@@ -417,11 +512,15 @@ fn unix_now() -> u64 {
 fn read_recorded(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let mut docs = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         if text.trim_start().starts_with('{') {
             for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", file.display(), n + 1))?;
-                let xml = v["xml"].as_str().with_context(|| format!("{}:{}: no \"xml\" field", file.display(), n + 1))?;
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not JSON", file.display(), n + 1))?;
+                let xml = v["xml"]
+                    .as_str()
+                    .with_context(|| format!("{}:{}: no \"xml\" field", file.display(), n + 1))?;
                 docs.push(xml.to_owned());
             }
         } else {

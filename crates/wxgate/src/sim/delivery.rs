@@ -47,12 +47,25 @@ pub struct Report {
 }
 
 /// Delivers one push with WeChat's rules and judges the final answer.
-pub async fn deliver(account: &Account, url: &str, inner: &str, mode: Mode, rules: Rules) -> Report {
+pub async fn deliver(
+    account: &Account,
+    url: &str,
+    inner: &str,
+    mode: Mode,
+    rules: Rules,
+) -> Report {
     deliver_with(&Http::new(rules.deadline), account, url, inner, mode, rules).await
 }
 
 /// The same over a shared client (its timeout is the deadline).
-pub async fn deliver_with(http: &Http, account: &Account, url: &str, inner: &str, mode: Mode, rules: Rules) -> Report {
+pub async fn deliver_with(
+    http: &Http,
+    account: &Account,
+    url: &str,
+    inner: &str,
+    mode: Mode,
+    rules: Rules,
+) -> Report {
     let mut attempts = Vec::new();
     for n in 0..rules.attempts.max(1) {
         if n > 0 && !rules.retry_interval.is_zero() {

@@ -191,8 +191,13 @@ impl Kind {
     pub fn is_message(&self) -> bool {
         matches!(
             self,
-            Kind::Text { .. } | Kind::Image { .. } | Kind::Voice { .. } | Kind::Video { .. } | Kind::Shortvideo { .. }
-                | Kind::Location { .. } | Kind::Link { .. }
+            Kind::Text { .. }
+                | Kind::Image { .. }
+                | Kind::Voice { .. }
+                | Kind::Video { .. }
+                | Kind::Shortvideo { .. }
+                | Kind::Location { .. }
+                | Kind::Link { .. }
         )
     }
 
@@ -218,7 +223,8 @@ impl Kind {
                     cd(&mut x, "Recognition", r);
                 }
             }
-            Kind::Video { media_id, thumb_media_id } | Kind::Shortvideo { media_id, thumb_media_id } => {
+            Kind::Video { media_id, thumb_media_id }
+            | Kind::Shortvideo { media_id, thumb_media_id } => {
                 let t = if matches!(self, Kind::Video { .. }) { "video" } else { "shortvideo" };
                 x = header(to, from, create_time, t);
                 cd(&mut x, "MediaId", media_id);
@@ -289,8 +295,13 @@ impl Kind {
                     num(x, "MenuId", m);
                 }
             }
-            Kind::ScancodePush { key, scan_type, scan_result } | Kind::ScancodeWaitmsg { key, scan_type, scan_result } => {
-                let name = if matches!(self, Kind::ScancodePush { .. }) { "scancode_push" } else { "scancode_waitmsg" };
+            Kind::ScancodePush { key, scan_type, scan_result }
+            | Kind::ScancodeWaitmsg { key, scan_type, scan_result } => {
+                let name = if matches!(self, Kind::ScancodePush { .. }) {
+                    "scancode_push"
+                } else {
+                    "scancode_waitmsg"
+                };
                 cd(x, "Event", name);
                 cd(x, "EventKey", key);
                 x.push_str("<ScanCodeInfo>");
@@ -298,7 +309,9 @@ impl Kind {
                 cd(x, "ScanResult", scan_result);
                 x.push_str("</ScanCodeInfo>");
             }
-            Kind::PicSysphoto { key, md5s } | Kind::PicPhotoOrAlbum { key, md5s } | Kind::PicWeixin { key, md5s } => {
+            Kind::PicSysphoto { key, md5s }
+            | Kind::PicPhotoOrAlbum { key, md5s }
+            | Kind::PicWeixin { key, md5s } => {
                 let name = match self {
                     Kind::PicSysphoto { .. } => "pic_sysphoto",
                     Kind::PicPhotoOrAlbum { .. } => "pic_photo_or_album",
@@ -377,21 +390,51 @@ mod tests {
     fn every_kind_types_as_itself() {
         let kinds = [
             (Kind::Text { content: "hi".into() }, "text_message"),
-            (Kind::Location { lat: "-33.8".into(), lng: "151.2".into(), scale: "15".into(), label: "x".into() }, "location_message"),
+            (
+                Kind::Location {
+                    lat: "-33.8".into(),
+                    lng: "151.2".into(),
+                    scale: "15".into(),
+                    label: "x".into(),
+                },
+                "location_message",
+            ),
             (Kind::Subscribe { scene: Some("qrscene_a".into()) }, "subscribe_event"),
             (Kind::Scan { scene: "42".into() }, "scan_event"),
-            (Kind::LocationReport { lat: "1".into(), lng: "2".into(), precision: "3".into() }, "location_report_event"),
-            (Kind::PicWeixin { key: "k".into(), md5s: vec!["a".into(), "b".into()] }, "pictures_event"),
-            (Kind::PublishJobFinish { publish_id: "1".into(), status: "0".into(), article_url: Some("u".into()) }, "publish_job_finish_event"),
+            (
+                Kind::LocationReport { lat: "1".into(), lng: "2".into(), precision: "3".into() },
+                "location_report_event",
+            ),
+            (
+                Kind::PicWeixin { key: "k".into(), md5s: vec!["a".into(), "b".into()] },
+                "pictures_event",
+            ),
+            (
+                Kind::PublishJobFinish {
+                    publish_id: "1".into(),
+                    status: "0".into(),
+                    article_url: Some("u".into()),
+                },
+                "publish_job_finish_event",
+            ),
         ];
         for (kind, name) in kinds {
             let push = Push::parse(&kind.to_xml("gh", "o", 1, 7)).unwrap();
             assert_eq!(push.kind_name(), name);
             assert_eq!(push.msg_id.is_some(), kind.is_message());
         }
-        let push = Push::parse(&Kind::Subscribe { scene: Some("qrscene_a".into()) }.to_xml("gh", "o", 1, 7)).unwrap();
+        let push = Push::parse(
+            &Kind::Subscribe { scene: Some("qrscene_a".into()) }.to_xml("gh", "o", 1, 7),
+        )
+        .unwrap();
         assert_eq!(push.scene(), Some("qrscene_a"), "the prefix is stripped once");
-        let push = Push::parse(&Kind::PicWeixin { key: "k".into(), md5s: vec!["a".into(), "b".into()] }.to_xml("gh", "o", 1, 7)).unwrap();
-        assert!(matches!(push.kind, Typed::Event(wxgate_protocol::Event::Pictures { ref pics, .. }) if pics.len() == 2));
+        let push = Push::parse(
+            &Kind::PicWeixin { key: "k".into(), md5s: vec!["a".into(), "b".into()] }
+                .to_xml("gh", "o", 1, 7),
+        )
+        .unwrap();
+        assert!(
+            matches!(push.kind, Typed::Event(wxgate_protocol::Event::Pictures { ref pics, .. }) if pics.len() == 2)
+        );
     }
 }

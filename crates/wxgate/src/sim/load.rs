@@ -77,7 +77,13 @@ impl Summary {
 
 /// Runs the load: push k leaves at k / rate seconds, [`Options::total`] pushes in all;
 /// `tick` is called about twice a second with the counters.
-pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut tick: impl FnMut(&Progress, Duration)) -> Summary {
+pub async fn run(
+    account: &Account,
+    url: &str,
+    mode: Mode,
+    opts: &Options,
+    mut tick: impl FnMut(&Progress, Duration),
+) -> Summary {
     let http = Http::new(opts.rules.deadline);
     let progress = Arc::new(Progress::default());
     let latencies = Arc::new(Mutex::new(Vec::new()));
@@ -86,7 +92,8 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let base = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     // Fresh followers each run, so that two runs never look like retries of each other.
-    let followers: Vec<String> = (0..opts.followers.max(1)).map(|i| fresh_openid(&format!("load{i}"))).collect();
+    let followers: Vec<String> =
+        (0..opts.followers.max(1)).map(|i| fresh_openid(&format!("load{i}"))).collect();
     let total = opts.total();
 
     let started = Instant::now();
@@ -95,7 +102,8 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
     let mut tasks = tokio::task::JoinSet::new();
     while n < total {
         // Send what the target rate asks for by now: push k is due at k / rate.
-        let due = ((started.elapsed().as_secs_f64() * opts.rate) as u64).saturating_add(1).min(total);
+        let due =
+            ((started.elapsed().as_secs_f64() * opts.rate) as u64).saturating_add(1).min(total);
         while n < due {
             let permit = permits.clone().acquire_owned().await.expect("semaphore open");
             let follower = &followers[(n % followers.len() as u64) as usize];
@@ -103,13 +111,20 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
             let kind = match n % 4 {
                 0 | 1 => Kind::Text { content: format!("load message {n}") },
                 2 => Kind::Click { key: format!("MENU_{}", n % 7) },
-                _ => Kind::LocationReport { lat: "23.137466".into(), lng: "113.352425".into(), precision: "65.0".into() },
+                _ => Kind::LocationReport {
+                    lat: "23.137466".into(),
+                    lng: "113.352425".into(),
+                    precision: "65.0".into(),
+                },
             };
             // One CreateTime per follower and round keeps every event distinct.
             let inner = kind.to_xml(&account.original_id, follower, base + round, random_msg_id());
-            let retry = opts.retry_ratio > 0.0 && ((n as f64 * opts.retry_ratio).fract() + opts.retry_ratio >= 1.0);
-            let (http, account, url, rules) = (http.clone(), account.clone(), url.to_owned(), opts.rules);
-            let (progress, latencies, redelivered, samples) = (progress.clone(), latencies.clone(), redelivered.clone(), samples.clone());
+            let retry = opts.retry_ratio > 0.0
+                && ((n as f64 * opts.retry_ratio).fract() + opts.retry_ratio >= 1.0);
+            let (http, account, url, rules) =
+                (http.clone(), account.clone(), url.to_owned(), opts.rules);
+            let (progress, latencies, redelivered, samples) =
+                (progress.clone(), latencies.clone(), redelivered.clone(), samples.clone());
             tasks.spawn(async move {
                 let t = Instant::now();
                 let report = deliver_with(&http, &account, &url, &inner, mode, rules).await;
@@ -121,7 +136,9 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
                 if retry {
                     progress.retried.fetch_add(1, Ordering::Relaxed);
                     let again = deliver_with(&http, &account, &url, &inner, mode, rules).await;
-                    if again.seen.text() != report.seen.text() || matches!(again.seen, Seen::ServiceError(_)) {
+                    if again.seen.text() != report.seen.text()
+                        || matches!(again.seen, Seen::ServiceError(_))
+                    {
                         progress.retry_mismatches.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -142,7 +159,11 @@ pub async fn run(account: &Account, url: &str, mode: Mode, opts: &Options, mut t
 
     let mut lat = std::mem::take(&mut *latencies.lock().await);
     lat.sort_unstable();
-    let pick = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     Summary {
         pushes: get(&progress.pushes),

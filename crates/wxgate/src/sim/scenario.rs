@@ -90,7 +90,9 @@ impl Words {
             Words::Line(s) => s.split_whitespace().map(str::to_owned).collect(),
             Words::List(l) => l.clone(),
         };
-        let matches = KindOnly::command_for_scenarios().try_get_matches_from(&words).map_err(|e| one_line(&e))?;
+        let matches = KindOnly::command_for_scenarios()
+            .try_get_matches_from(&words)
+            .map_err(|e| one_line(&e))?;
         KindOnly::from_arg_matches(&matches).map(|k| k.kind).map_err(|e| one_line(&e))
     }
 
@@ -109,7 +111,9 @@ fn one_line(e: &clap::Error) -> String {
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
         .map(|l| l.strip_prefix("error: ").unwrap_or(l))
         .collect();
     let mut out = String::new();
@@ -201,7 +205,14 @@ impl Scenario {
     }
 
     /// Runs every step in order against `url` and reports each.
-    pub async fn run(&self, account: &Account, url: &str, mode: Mode, rules: Rules, mut on_step: impl FnMut(usize, &StepResult)) -> Vec<StepResult> {
+    pub async fn run(
+        &self,
+        account: &Account,
+        url: &str,
+        mode: Mode,
+        rules: Rules,
+        mut on_step: impl FnMut(usize, &StepResult),
+    ) -> Vec<StepResult> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut openids: HashMap<String, String> = HashMap::new();
         let mut results = Vec::new();
@@ -226,7 +237,13 @@ impl Scenario {
             let inner = kind.to_xml(&account.original_id, &openid, create_time, random_msg_id());
             let report = deliver(account, url, &inner, mode, rules).await;
             let failure = step.check(&report.seen);
-            let result = StepResult { follower: step.follower.clone(), openid, label: step.push.line(), report, failure };
+            let result = StepResult {
+                follower: step.follower.clone(),
+                openid,
+                label: step.push.line(),
+                report,
+                failure,
+            };
             on_step(i, &result);
             results.push(result);
         }
@@ -249,11 +266,17 @@ impl Step {
                 others.push("expect_nothing");
             }
             if !others.is_empty() {
-                return Err(format!("expect_error cannot go with {} (the follower sees only the service error)", others.join(" or ")));
+                return Err(format!(
+                    "expect_error cannot go with {} (the follower sees only the service error)",
+                    others.join(" or ")
+                ));
             }
         }
         if self.expect_nothing && !others.is_empty() {
-            return Err(format!("expect_nothing cannot go with {} (no reply has no text or type)", others.join(" or ")));
+            return Err(format!(
+                "expect_nothing cannot go with {} (no reply has no text or type)",
+                others.join(" or ")
+            ));
         }
         if let (Some(_), Some(ty)) = (&self.expect_text, &self.expect_msg_type)
             && ty != "text"
@@ -265,7 +288,8 @@ impl Step {
 
     fn check(&self, seen: &Seen) -> Option<String> {
         if self.expect_error {
-            return (!matches!(seen, Seen::ServiceError(_))).then(|| "expected the service error".into());
+            return (!matches!(seen, Seen::ServiceError(_)))
+                .then(|| "expected the service error".into());
         }
         if let Seen::ServiceError(reason) = seen {
             return Some(format!("the follower sees the service error: {reason}"));
@@ -280,9 +304,10 @@ impl Step {
             }
         }
         if let Some(t) = &self.expect_text
-            && seen.text() != Some(t.as_str()) {
-                return Some(format!("expected the text {t:?}, got {}", got(seen)));
-            }
+            && seen.text() != Some(t.as_str())
+        {
+            return Some(format!("expected the text {t:?}, got {}", got(seen)));
+        }
         None
     }
 }
@@ -291,7 +316,9 @@ impl Step {
 fn got(seen: &Seen) -> String {
     match seen {
         Seen::Nothing => "no reply".into(),
-        Seen::Reply { .. } if seen.text().is_some() => format!("{:?}", seen.text().unwrap_or_default()),
+        Seen::Reply { .. } if seen.text().is_some() => {
+            format!("{:?}", seen.text().unwrap_or_default())
+        }
         Seen::Reply { msg_type, .. } => format!("a {msg_type} reply"),
         Seen::ServiceError(reason) => format!("the service error ({reason})"),
     }
@@ -348,7 +375,10 @@ pub fn describe(seen: &Seen) -> String {
     match seen {
         Seen::Nothing => "nothing shown (success)".into(),
         Seen::Reply { msg_type, doc, .. } => match msg_type.as_str() {
-            "text" => format!("text: {:?}", doc.child("Content").map(|c| c.text.as_str()).unwrap_or_default()),
+            "text" => format!(
+                "text: {:?}",
+                doc.child("Content").map(|c| c.text.as_str()).unwrap_or_default()
+            ),
             "news" => {
                 let titles: Vec<&str> = doc
                     .child("Articles")
@@ -360,7 +390,9 @@ pub fn describe(seen: &Seen) -> String {
             }
             other => format!("{other} reply"),
         },
-        Seen::ServiceError(reason) => format!("\"该公众号暂时无法提供服务，请稍后再试\" ({reason})"),
+        Seen::ServiceError(reason) => {
+            format!("\"该公众号暂时无法提供服务，请稍后再试\" ({reason})")
+        }
     }
 }
 
@@ -375,8 +407,11 @@ mod tests {
              [[steps]]\nfollower = \"a\"\npush = [\"text\", \"--content\", \"two words\"]\n",
         )
         .unwrap();
-        assert!(matches!(s.steps[1].push.kind().unwrap(), Kind::Text { content } if content == "two words"));
-        let bad = Scenario::parse("[[steps]]\nfollower = \"a\"\npush = \"fly --to moon\"\n").unwrap_err();
+        assert!(
+            matches!(s.steps[1].push.kind().unwrap(), Kind::Text { content } if content == "two words")
+        );
+        let bad =
+            Scenario::parse("[[steps]]\nfollower = \"a\"\npush = \"fly --to moon\"\n").unwrap_err();
         assert!(bad.starts_with("steps[0].push:"), "{bad}");
         assert!(!bad.contains("error:") && !bad.contains("Usage") && !bad.contains('\n'), "{bad}");
         assert!(Scenario::journey().steps.iter().all(|s| s.push.kind().is_ok()));
@@ -384,13 +419,25 @@ mod tests {
 
     #[test]
     fn contradictory_expectations_and_toml_errors_are_refused_in_one_line() {
-        let step = |extra: &str| format!("[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\n[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\n{extra}\n");
-        for extra in ["expect_nothing = true\nexpect_text = \"x\"", "expect_nothing = true\nexpect_msg_type = \"text\"", "expect_error = true\nexpect_text = \"x\"", "expect_error = true\nexpect_nothing = true"] {
+        let step = |extra: &str| {
+            format!(
+                "[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\n[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\n{extra}\n"
+            )
+        };
+        for extra in [
+            "expect_nothing = true\nexpect_text = \"x\"",
+            "expect_nothing = true\nexpect_msg_type = \"text\"",
+            "expect_error = true\nexpect_text = \"x\"",
+            "expect_error = true\nexpect_nothing = true",
+        ] {
             let e = Scenario::parse(&step(extra)).unwrap_err();
             assert!(e.starts_with("steps[1]: "), "{e}");
         }
         assert!(Scenario::parse(&step("expect_text = \"x\"\nexpect_msg_type = \"text\"")).is_ok());
-        let e = Scenario::parse("[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\nexpect_txt = \"x\"\n").unwrap_err();
+        let e = Scenario::parse(
+            "[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\nexpect_txt = \"x\"\n",
+        )
+        .unwrap_err();
         assert!(e.starts_with("line 4, column 1: unknown field `expect_txt`"), "{e}");
         assert!(!e.contains('\n'), "{e}");
     }
@@ -401,7 +448,10 @@ mod tests {
         assert_ne!(a, b);
         for id in [a, b, fresh_openid("a very long name with spaces"), fresh_openid("")] {
             assert_eq!(id.len(), 28, "{id}");
-            assert!(id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'), "{id}");
+            assert!(
+                id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'),
+                "{id}"
+            );
         }
         let (m, n) = (random_msg_id(), random_msg_id());
         assert_ne!(m, n);
@@ -411,9 +461,19 @@ mod tests {
 
     #[test]
     fn failed_expectations_say_what_came() {
-        let step = Step { follower: "a".into(), after_ms: 0, push: Words::Line("text --content hi".into()), expect_text: Some("bye".into()), expect_msg_type: None, expect_nothing: false, expect_error: false };
+        let step = Step {
+            follower: "a".into(),
+            after_ms: 0,
+            push: Words::Line("text --content hi".into()),
+            expect_text: Some("bye".into()),
+            expect_msg_type: None,
+            expect_nothing: false,
+            expect_error: false,
+        };
         assert_eq!(step.check(&Seen::Nothing).unwrap(), "expected the text \"bye\", got no reply");
-        let doc = wxgate_protocol::xml::parse("<xml><MsgType>text</MsgType><Content>hi</Content></xml>").unwrap();
+        let doc =
+            wxgate_protocol::xml::parse("<xml><MsgType>text</MsgType><Content>hi</Content></xml>")
+                .unwrap();
         let seen = Seen::Reply { msg_type: "text".into(), xml: String::new(), doc };
         assert_eq!(step.check(&seen).unwrap(), "expected the text \"bye\", got \"hi\"");
         let doc = wxgate_protocol::xml::parse("<xml><MsgType>news</MsgType></xml>").unwrap();

@@ -34,13 +34,21 @@ impl Mock {
     }
 
     async fn post(&self, path: &str, body: Value) -> Value {
-        let a = self.http.send("POST", &format!("{}{path}", self.base), Some(&body.to_string())).await.unwrap();
+        let a = self
+            .http
+            .send("POST", &format!("{}{path}", self.base), Some(&body.to_string()))
+            .await
+            .unwrap();
         assert_eq!(a.status, 200);
         serde_json::from_str(&a.body).unwrap()
     }
 
     async fn token(&self) -> String {
-        let t = self.get(&format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={SECRET}")).await;
+        let t = self
+            .get(&format!(
+                "/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={SECRET}"
+            ))
+            .await;
         t["access_token"].as_str().unwrap().to_owned()
     }
 }
@@ -51,17 +59,41 @@ fn code(v: &Value) -> i64 {
 
 #[tokio::test]
 async fn access_tokens_expire_and_a_new_one_retires_the_old_after_a_grace_period() {
-    let m = Mock::start(Options { token_ttl: Duration::from_millis(400), grace: Duration::from_millis(150), ..Options::default() }).await;
-    assert_eq!(code(&m.get("/cgi-bin/token?grant_type=client_credential&appid=wxnope&secret=x").await), 40013);
-    assert_eq!(code(&m.get(&format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=bad")).await), 40125);
-    assert_eq!(code(&m.get(&format!("/cgi-bin/token?grant_type=password&appid={APP}&secret={SECRET}")).await), 40002);
+    let m = Mock::start(Options {
+        token_ttl: Duration::from_millis(400),
+        grace: Duration::from_millis(150),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        code(&m.get("/cgi-bin/token?grant_type=client_credential&appid=wxnope&secret=x").await),
+        40013
+    );
+    assert_eq!(
+        code(
+            &m.get(&format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=bad"))
+                .await
+        ),
+        40125
+    );
+    assert_eq!(
+        code(
+            &m.get(&format!("/cgi-bin/token?grant_type=password&appid={APP}&secret={SECRET}"))
+                .await
+        ),
+        40002
+    );
 
     let first = m.token().await;
     let menu = |t: &str| format!("/cgi-bin/menu/get?access_token={t}");
     assert_eq!(code(&m.get(&menu(&first)).await), 46003, "valid token, no menu yet");
     let second = m.token().await;
     assert_ne!(first, second);
-    assert_eq!(code(&m.get(&menu(&first)).await), 46003, "the old token works during the grace period");
+    assert_eq!(
+        code(&m.get(&menu(&first)).await),
+        46003,
+        "the old token works during the grace period"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(code(&m.get(&menu(&first)).await), 40001, "then it is invalid");
     assert_eq!(code(&m.get(&menu(&second)).await), 46003);
@@ -81,7 +113,16 @@ async fn the_stable_token_stays_the_same_until_forced() {
     let c = m.post("/cgi-bin/stable_token", body(true)).await;
     assert_ne!(a["access_token"], c["access_token"]);
     assert_eq!(m.api.current_token().as_deref(), c["access_token"].as_str());
-    assert_eq!(code(&m.post("/cgi-bin/stable_token", json!({"grant_type": "client_credential", "appid": APP, "secret": "x"})).await), 40125);
+    assert_eq!(
+        code(
+            &m.post(
+                "/cgi-bin/stable_token",
+                json!({"grant_type": "client_credential", "appid": APP, "secret": "x"})
+            )
+            .await
+        ),
+        40125
+    );
 }
 
 #[tokio::test]
@@ -118,10 +159,20 @@ async fn qr_codes_temporary_and_permanent_with_int_and_string_scenes() {
     let perm = m.post(&path, json!({"action_name": "QR_LIMIT_STR_SCENE", "action_info": {"scene": {"scene_str": "spring_poster"}}})).await;
     assert!(perm["ticket"].is_string());
     assert!(perm.get("expire_seconds").is_none());
-    let shown = m.get(&format!("/cgi-bin/showqrcode?ticket={}", perm["ticket"].as_str().unwrap())).await;
+    let shown =
+        m.get(&format!("/cgi-bin/showqrcode?ticket={}", perm["ticket"].as_str().unwrap())).await;
     assert_eq!(shown["scene"]["scene_str"], "spring_poster");
     assert_eq!(code(&m.post(&path, json!({"action_name": "QR_LIMIT_SCENE", "action_info": {"scene": {"scene_id": 100001}}})).await), 40053);
-    assert_eq!(code(&m.post(&path, json!({"action_name": "QR_STR_SCENE", "action_info": {"scene": {"scene_str": ""}}})).await), 40053);
+    assert_eq!(
+        code(
+            &m.post(
+                &path,
+                json!({"action_name": "QR_STR_SCENE", "action_info": {"scene": {"scene_str": ""}}})
+            )
+            .await
+        ),
+        40053
+    );
     assert_eq!(code(&m.get("/cgi-bin/showqrcode?ticket=unknown").await), 40007);
 }
 
@@ -133,7 +184,10 @@ async fn the_custom_menu_can_be_created_read_and_deleted() {
         {"type": "click", "name": "Today", "key": "MENU_A"},
         {"name": "More", "sub_button": [{"type": "view", "name": "Site", "url": "https://example.com"}, {"type": "scancode_waitmsg", "name": "Scan", "key": "SCAN_1"}]}
     ]});
-    assert_eq!(code(&m.post(&format!("/cgi-bin/menu/create?access_token={t}"), menu.clone()).await), 0);
+    assert_eq!(
+        code(&m.post(&format!("/cgi-bin/menu/create?access_token={t}"), menu.clone()).await),
+        0
+    );
     assert_eq!(m.get(&format!("/cgi-bin/menu/get?access_token={t}")).await["menu"], menu);
     assert_eq!(code(&m.get(&format!("/cgi-bin/menu/delete?access_token={t}")).await), 0);
     assert_eq!(code(&m.get(&format!("/cgi-bin/menu/get?access_token={t}")).await), 46003);
@@ -147,7 +201,8 @@ async fn the_custom_menu_can_be_created_read_and_deleted() {
     assert_eq!(create(json!({"button": [{"type": "fly", "name": "x", "key": "k"}]})).await, 40017);
     assert_eq!(create(json!({"button": [{"type": "click", "name": "x"}]})).await, 40019);
     assert_eq!(create(json!({"button": [{"type": "view", "name": "x"}]})).await, 40054);
-    let six: Vec<Value> = (0..6).map(|i| json!({"type": "click", "name": "s", "key": format!("K{i}")})).collect();
+    let six: Vec<Value> =
+        (0..6).map(|i| json!({"type": "click", "name": "s", "key": format!("K{i}")})).collect();
     assert_eq!(create(json!({"button": [{"name": "x", "sub_button": six}]})).await, 40023);
 }
 
@@ -156,8 +211,14 @@ async fn user_info_for_an_openid() {
     let m = Mock::start(Options::default()).await;
     let t = m.token().await;
     let info = m.get(&format!("/cgi-bin/user/info?access_token={t}&openid={OPENID}&lang=en")).await;
-    assert_eq!((info["subscribe"].clone(), info["openid"].clone(), info["language"].clone()), (json!(1), json!(OPENID), json!("en")));
-    assert_eq!(code(&m.get(&format!("/cgi-bin/user/info?access_token={t}&openid=short")).await), 40003);
+    assert_eq!(
+        (info["subscribe"].clone(), info["openid"].clone(), info["language"].clone()),
+        (json!(1), json!(OPENID), json!("en"))
+    );
+    assert_eq!(
+        code(&m.get(&format!("/cgi-bin/user/info?access_token={t}&openid=short")).await),
+        40003
+    );
 }
 
 #[tokio::test]
@@ -166,29 +227,47 @@ async fn every_call_is_recorded_and_faults_are_injected() {
     let t = m.token().await;
     let info = format!("/cgi-bin/user/info?access_token={t}&openid={OPENID}");
 
-    m.api.inject(Fault { path: "/cgi-bin/user/info".into(), errcode: Some(-1), times: 1, ..Fault::default() });
+    m.api.inject(Fault {
+        path: "/cgi-bin/user/info".into(),
+        errcode: Some(-1),
+        times: 1,
+        ..Fault::default()
+    });
     assert_eq!(code(&m.get(&info).await), -1, "system busy, once");
     assert_eq!(code(&m.get(&info).await), 0);
 
-    m.api.inject(Fault { path: "/cgi-bin/user/info".into(), errcode: Some(40001), times: 2, ..Fault::default() });
+    m.api.inject(Fault {
+        path: "/cgi-bin/user/info".into(),
+        errcode: Some(40001),
+        times: 2,
+        ..Fault::default()
+    });
     assert_eq!(code(&m.get(&info).await), 40001);
     assert_eq!(code(&m.get(&info).await), 40001);
     assert_eq!(code(&m.get(&info).await), 0);
 
-    m.api.inject(Fault { path: "/cgi-bin/user/info".into(), latency_ms: 300, times: 1, ..Fault::default() });
+    m.api.inject(Fault {
+        path: "/cgi-bin/user/info".into(),
+        latency_ms: 300,
+        times: 1,
+        ..Fault::default()
+    });
     let started = std::time::Instant::now();
     assert_eq!(code(&m.get(&info).await), 0);
     assert!(started.elapsed() >= Duration::from_millis(300));
 
     // A hang: the caller's own timeout ends it. Injected through the control endpoint.
-    let ok = m.post("/sim/faults", json!({"path": "/cgi-bin/user/info", "hang": true, "times": 1})).await;
+    let ok = m
+        .post("/sim/faults", json!({"path": "/cgi-bin/user/info", "hang": true, "times": 1}))
+        .await;
     assert_eq!(ok["ok"], true);
     let quick = Http::new(Duration::from_millis(200));
     let err = quick.send("GET", &format!("{}{info}", m.base), None).await.unwrap_err();
     assert!(err.contains("no answer"), "{err}");
 
     let calls = m.get("/sim/calls").await;
-    let paths: Vec<&str> = calls.as_array().unwrap().iter().map(|c| c["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> =
+        calls.as_array().unwrap().iter().map(|c| c["path"].as_str().unwrap()).collect();
     assert_eq!(paths[0], "/cgi-bin/token");
     // Six answered calls; the hung one is recorded when it ends.
     assert_eq!(paths.iter().filter(|p| **p == "/cgi-bin/user/info").count(), 6);

@@ -14,7 +14,8 @@ use crate::helpers::{AES_KEY, APP_ID, Body, GH, Server, TOKEN, account_toml, pos
 // Every signature below comes from the simulator; tests never sign by hand.
 
 const USER: &str = "oBadInputUser000000000000001";
-const ECHO: &str = "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
+const ECHO: &str =
+    "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
 
 fn wechat() -> sim::Account {
     sim::Account {
@@ -48,7 +49,10 @@ fn rand_nonce() -> String {
 fn still_serves(server: &Server) {
     let push = compose::text(GH, USER, 1_733_300_500, "still here", rand_nonce().parse().unwrap());
     let resp = send(server, &push, Mode::Safe);
-    assert_eq!(wechat().judge(&push, Mode::Safe, resp.status, &resp.body).text(), Some("still here"));
+    assert_eq!(
+        wechat().judge(&push, Mode::Safe, resp.status, &resp.body).text(),
+        Some("still here")
+    );
 }
 
 /// A valid plaintext query (signature, timestamp, nonce) from the simulator.
@@ -119,10 +123,12 @@ fn non_xml_doctype_and_entities_get_400_and_nothing_is_stored() {
         format!("<xml>{}</xml>", "<a>".repeat(200) + &"</a>".repeat(200)),
     ];
     for body in &bodies {
-        let r = request(&server.addr(), "POST", &target, &[], Body::Fixed(body.as_bytes())).unwrap();
+        let r =
+            request(&server.addr(), "POST", &target, &[], Body::Fixed(body.as_bytes())).unwrap();
         assert_eq!(r.status, 400, "{body:.60}");
     }
-    let r = request(&server.addr(), "POST", &target, &[], Body::Fixed(&[0xff, 0xfe, b'<'])).unwrap();
+    let r =
+        request(&server.addr(), "POST", &target, &[], Body::Fixed(&[0xff, 0xfe, b'<'])).unwrap();
     assert_eq!(r.status, 400);
     assert!(server.records().is_empty());
     still_serves(&server);
@@ -133,7 +139,9 @@ fn broken_envelopes_get_400_or_403() {
     let server = echo_server();
     let push = compose::text(GH, USER, 1_733_300_100, "secret", 77);
     let other_key = sim::Account {
-        aes_key: Some(EncodingAesKey::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8").unwrap()),
+        aes_key: Some(
+            EncodingAesKey::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8").unwrap(),
+        ),
         ..wechat()
     };
     let d = other_key.deliver_at(&push, Mode::Safe, "1733300000", "1");
@@ -145,13 +153,24 @@ fn broken_envelopes_get_400_or_403() {
 
     // A valid query string with another body: msg_signature covers the envelope.
     let good = wechat().deliver_at(&push, Mode::Safe, "1733300000", "3");
-    let other = wechat().deliver_at(&compose::text(GH, USER, 1, "forged", 78), Mode::Safe, "1733300000", "3");
+    let other = wechat().deliver_at(
+        &compose::text(GH, USER, 1, "forged", 78),
+        Mode::Safe,
+        "1733300000",
+        "3",
+    );
     assert_eq!(post(&server.addr(), &format!("/wx?{}", good.query), &other.body).status, 403);
 
     // No Encrypt element; Encrypt that is not base64.
-    let r = post(&server.addr(), &format!("/wx?{}", good.query), "<xml><ToUserName>gh</ToUserName></xml>");
+    let r = post(
+        &server.addr(),
+        &format!("/wx?{}", good.query),
+        "<xml><ToUserName>gh</ToUserName></xml>",
+    );
     assert_eq!(r.status, 400);
-    for garbage in ["not*base64", "AAAA", "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", &"A".repeat(100_000)] {
+    for garbage in
+        ["not*base64", "AAAA", "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", &"A".repeat(100_000)]
+    {
         let d = wechat().deliver_encrypt(garbage, "1733300000", "3");
         let r = post(&server.addr(), &format!("/wx?{}", d.query), &d.body);
         assert_eq!(r.status, 400, "{garbage:.20}");
@@ -164,7 +183,11 @@ fn broken_envelopes_get_400_or_403() {
 fn authentic_pushes_we_cannot_understand_become_dead_letters() {
     let server = echo_server();
     // Decrypts fine, but the inner document is not a push.
-    for inner in ["<xml><ToUserName>gh</ToUserName></xml>", "this is not xml at all", "<root><MsgType>text</MsgType></root>"] {
+    for inner in [
+        "<xml><ToUserName>gh</ToUserName></xml>",
+        "this is not xml at all",
+        "<root><MsgType>text</MsgType></root>",
+    ] {
         for _ in 0..2 {
             let r = send(&server, inner, Mode::Safe);
             assert_eq!((r.status, r.body.as_str()), (200, "success"), "{inner}");
@@ -183,7 +206,8 @@ fn authentic_pushes_we_cannot_understand_become_dead_letters() {
 #[test]
 fn unknown_types_are_kept_and_answered_success() {
     let server = echo_server();
-    let msg = compose::header(GH, USER, 1_733_300_200, "hologram") + "<Beam><![CDATA[x]]></Beam><MsgId>9</MsgId></xml>";
+    let msg = compose::header(GH, USER, 1_733_300_200, "hologram")
+        + "<Beam><![CDATA[x]]></Beam><MsgId>9</MsgId></xml>";
     let evt = compose::event(GH, USER, 1_733_300_201, "teleport_finished", &[("Where", "Mars")]);
     for push in [&msg, &evt] {
         let r = send(&server, push, Mode::Plain);
@@ -203,8 +227,20 @@ fn collisions_that_are_not_retries_are_all_handled() {
     let pushes = [
         compose::text(GH, "oUserA", t, "a", 555),
         compose::text(GH, "oUserB", t, "b", 555),
-        compose::event(GH, "oUserA", t, "LOCATION", &[("Latitude", "1.1"), ("Longitude", "2.2"), ("Precision", "3")]),
-        compose::event(GH, "oUserA", t, "LOCATION", &[("Latitude", "1.2"), ("Longitude", "2.2"), ("Precision", "3")]),
+        compose::event(
+            GH,
+            "oUserA",
+            t,
+            "LOCATION",
+            &[("Latitude", "1.1"), ("Longitude", "2.2"), ("Precision", "3")],
+        ),
+        compose::event(
+            GH,
+            "oUserA",
+            t,
+            "LOCATION",
+            &[("Latitude", "1.2"), ("Longitude", "2.2"), ("Precision", "3")],
+        ),
         compose::event(GH, "oUserA", t, "CLICK", &[("EventKey", "A")]),
         compose::event(GH, "oUserA", t, "VIEW", &[("EventKey", "A")]),
     ];
@@ -225,7 +261,10 @@ fn require_encryption_refuses_plaintext() {
 
 #[test]
 fn the_timestamp_window_refuses_stale_requests() {
-    let server = Server::start(&account_toml("/wx", ECHO).replace("max_timestamp_skew_secs = 0", "max_timestamp_skew_secs = 300"));
+    let server = Server::start(
+        &account_toml("/wx", ECHO)
+            .replace("max_timestamp_skew_secs = 0", "max_timestamp_skew_secs = 300"),
+    );
     let push = compose::text(GH, USER, 1_733_300_400, "hi", 1);
     assert_eq!(send(&server, &push, Mode::Safe).status, 403, "2024 timestamps are stale now");
     let d = wechat().deliver(&push, Mode::Safe);
@@ -241,7 +280,11 @@ fn previous_token_and_key_are_accepted_during_rotation() {
     );
     let server = Server::start(&cfg);
     let old = wechat();
-    let new = sim::Account { token: "NewToken99".into(), aes_key: Some(EncodingAesKey::parse(new_key).unwrap()), ..wechat() };
+    let new = sim::Account {
+        token: "NewToken99".into(),
+        aes_key: Some(EncodingAesKey::parse(new_key).unwrap()),
+        ..wechat()
+    };
     for (i, who) in [&old, &new].into_iter().enumerate() {
         let push = compose::text(GH, USER, 1_733_300_500, "rotate", 100 + i as u64);
         let d = who.deliver(&push, Mode::Safe);
@@ -259,12 +302,18 @@ fn retries_are_recognised_after_a_restart() {
     let server = echo_server();
     let push = compose::text(GH, USER, 1_733_300_600, "before restart", 4242);
     let first = send(&server, &push, Mode::Safe);
-    assert_eq!(wechat().judge(&push, Mode::Safe, first.status, &first.body).text(), Some("before restart"));
+    assert_eq!(
+        wechat().judge(&push, Mode::Safe, first.status, &first.body).text(),
+        Some("before restart")
+    );
     let (dir, config) = server.kill();
 
     let server = Server::start_at(dir, config);
     let retry = send(&server, &push, Mode::Safe);
-    assert_eq!(wechat().judge(&push, Mode::Safe, retry.status, &retry.body).text(), Some("before restart"));
+    assert_eq!(
+        wechat().judge(&push, Mode::Safe, retry.status, &retry.body).text(),
+        Some("before restart")
+    );
     let records = server.records();
     assert_eq!(records.len(), 1);
 }
@@ -300,7 +349,8 @@ fn random_mutations_never_crash_the_server() {
             }
             _ => (plain_query(), bytes),
         };
-        let r = request(&server.addr(), "POST", &format!("/wx?{query}"), &[], Body::Fixed(&body)).unwrap();
+        let r = request(&server.addr(), "POST", &format!("/wx?{query}"), &[], Body::Fixed(&body))
+            .unwrap();
         assert!(matches!(r.status, 200 | 400), "mutation {i} got {}: {}", r.status, r.body);
     }
     assert!(server.alive());

@@ -24,7 +24,8 @@ fn rules_for(handler: &str) -> String {
         format!("[{}]", items.join(", "))
     };
     if h.starts_with("echo") {
-        "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n".into()
+        "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n"
+            .into()
     } else if h.contains("clicked") {
         "[[accounts.rules]]\nwhen = { event = \"CLICK\" }\nreply = { text = \"clicked {event_key}\" }\n".into()
     } else if h.contains("news") {
@@ -99,14 +100,20 @@ fn run_case(case: &Value) -> Result<(), String> {
         }
     }
     if let Some(p) = &probe
-        && p.accept().is_ok() {
-            return Err("the server opened a connection to the XXE probe".into());
-        }
+        && p.accept().is_ok()
+    {
+        return Err("the server opened a connection to the XXE probe".into());
+    }
     Ok(())
 }
 
 /// Runs one step; returns the plain reply XML it got (for `same_as_step` checks).
-fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Option<String>]) -> Result<Option<String>, String> {
+fn run_step(
+    server: &Server,
+    account: &sim::Account,
+    step: &Value,
+    replies: &[Option<String>],
+) -> Result<Option<String>, String> {
     let req = &step["request"];
     let expect = &step["expect"];
     let method = req["method"].as_str().unwrap();
@@ -115,16 +122,23 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
     let target = if query.is_empty() { path.to_owned() } else { format!("{path}?{query}") };
     let headers: Vec<(String, String)> = req["headers"]
         .as_object()
-        .map(|h| h.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
+        .map(|h| {
+            h.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect()
+        })
         .unwrap_or_default();
-    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let header_refs: Vec<(&str, &str)> =
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
-    let body: Option<Vec<u8>> = if let Some(recipe) = req.get("body_recipe").filter(|r| r.is_object()) {
-        let fill = recipe["fill"].as_str().unwrap().repeat(recipe["fill_bytes"].as_u64().unwrap() as usize);
-        Some(recipe["template"].as_str().unwrap().replace("{FILL}", &fill).into_bytes())
-    } else {
-        req["body"].as_str().map(|b| b.as_bytes().to_vec())
-    };
+    let body: Option<Vec<u8>> =
+        if let Some(recipe) = req.get("body_recipe").filter(|r| r.is_object()) {
+            let fill = recipe["fill"]
+                .as_str()
+                .unwrap()
+                .repeat(recipe["fill_bytes"].as_u64().unwrap() as usize);
+            Some(recipe["template"].as_str().unwrap().replace("{FILL}", &fill).into_bytes())
+        } else {
+            req["body"].as_str().map(|b| b.as_bytes().to_vec())
+        };
     let chunked = step["label"].as_str().unwrap_or_default().contains("chunked")
         || req["body_recipe"]["chunked"].as_bool().unwrap_or(false);
     let send = match (&body, chunked) {
@@ -135,7 +149,8 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
 
     let before = server.records();
     let started = Instant::now();
-    let resp = request(&server.addr(), method, &target, &header_refs, send).map_err(|e| format!("no HTTP answer: {e}"))?;
+    let resp = request(&server.addr(), method, &target, &header_refs, send)
+        .map_err(|e| format!("no HTTP answer: {e}"))?;
     let latency = started.elapsed();
     let after = server.records();
 
@@ -146,7 +161,10 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
         _ => true,
     };
     if !ok_status {
-        return Err(format!("status {} (body {:?}), expected {}", resp.status, resp.body, expect["status"]));
+        return Err(format!(
+            "status {} (body {:?}), expected {}",
+            resp.status, resp.body, expect["status"]
+        ));
     }
     if resp.status >= 500 {
         return Err(format!("server error {}", resp.status));
@@ -158,20 +176,24 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
         }
     }
     if let Some(exact) = expect["body_exact"].as_str()
-        && resp.body != exact {
-            return Err(format!("body {:?}, expected exactly {exact:?}", resp.body));
-        }
+        && resp.body != exact
+    {
+        return Err(format!("body {:?}, expected exactly {exact:?}", resp.body));
+    }
     if let Some(options) = expect["body_one_of"].as_array()
-        && !options.iter().any(|o| o.as_str() == Some(resp.body.as_str())) {
-            return Err(format!("body {:?}, expected one of {options:?}", resp.body));
-        }
+        && !options.iter().any(|o| o.as_str() == Some(resp.body.as_str()))
+    {
+        return Err(format!("body {:?}, expected one of {options:?}", resp.body));
+    }
 
     // handler_calls: how many new records this request made.
-    let new: Vec<&Value> = after.iter().filter(|r| !before.iter().any(|b| b["id"] == r["id"])).collect();
+    let new: Vec<&Value> =
+        after.iter().filter(|r| !before.iter().any(|b| b["id"] == r["id"])).collect();
     if let Some(calls) = expect["handler_calls"].as_u64()
-        && new.len() as u64 != calls {
-            return Err(format!("handler ran {} times, expected {calls}", new.len()));
-        }
+        && new.len() as u64 != calls
+    {
+        return Err(format!("handler ran {} times, expected {calls}", new.len()));
+    }
 
     // The parsed fields, read back from the store.
     if let Some(parsed) = expect["parsed"].as_object() {
@@ -195,7 +217,11 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
     let inner = req["decrypted_xml"].as_str().or(req["body"].as_str()).unwrap_or_default();
     let encrypted_request = target.contains("encrypt_type=aes");
     let mode = if encrypted_request { Mode::Safe } else { Mode::Plain };
-    let seen = if method == "POST" && resp.status == 200 { Some(account.judge(inner, mode, resp.status, &resp.body)) } else { None };
+    let seen = if method == "POST" && resp.status == 200 {
+        Some(account.judge(inner, mode, resp.status, &resp.body))
+    } else {
+        None
+    };
     if let Some(Seen::ServiceError(reason)) = &seen {
         return Err(format!("the follower would see an error: {reason}"));
     }
@@ -206,7 +232,8 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
 
     if let Some(options) = expect["body_one_of_or_same_as_step"].as_array() {
         let nothing = resp.body.is_empty() || resp.body == "success";
-        let same_as_first = plain_reply.is_some() && replies.first().cloned().flatten() == plain_reply;
+        let same_as_first =
+            plain_reply.is_some() && replies.first().cloned().flatten() == plain_reply;
         if !nothing && !same_as_first {
             return Err(format!("retry answered {:?}, expected one of {options:?}", resp.body));
         }
@@ -223,22 +250,36 @@ fn run_step(server: &Server, account: &sim::Account, step: &Value, replies: &[Op
             _ => {}
         }
         if let Some(t) = want.get("MsgType").and_then(Value::as_str)
-            && msg_type != t {
-                return Err(format!("reply MsgType {msg_type}, expected {t}"));
-            }
+            && msg_type != t
+        {
+            return Err(format!("reply MsgType {msg_type}, expected {t}"));
+        }
         let content = doc.child("Content").map(|c| c.text.clone());
         if let Some(c) = want.get("Content").and_then(Value::as_str)
-            && content.as_deref() != Some(c) {
-                return Err(format!("reply Content {content:?}, expected {c:?}"));
-            }
+            && content.as_deref() != Some(c)
+        {
+            return Err(format!("reply Content {content:?}, expected {c:?}"));
+        }
         if want.get("Content_equals_request_Content").and_then(Value::as_bool) == Some(true) {
-            let sent = wxgate_protocol::xml::parse(inner).ok().and_then(|d| d.child("Content").map(|c| c.text.clone()));
+            let sent = wxgate_protocol::xml::parse(inner)
+                .ok()
+                .and_then(|d| d.child("Content").map(|c| c.text.clone()));
             if content != sent {
                 return Err(format!("reply Content {content:?}, expected the request's {sent:?}"));
             }
         }
-        for check in want.get("checks").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
-            if let Some(n) = check.strip_prefix("ArticleCount == ").and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<usize>().ok()) {
+        for check in want
+            .get("checks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if let Some(n) = check
+                .strip_prefix("ArticleCount == ")
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse::<usize>().ok())
+            {
                 let count = doc.child("Articles").map_or(0, |a| a.children.len());
                 if count != n {
                     return Err(format!("{count} articles, expected {n}"));

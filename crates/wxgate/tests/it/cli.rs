@@ -14,7 +14,11 @@ use crate::helpers::{AES_KEY, Server, TOKEN};
 
 /// Runs the binary to completion.
 fn wxgate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wxgate")).args(args).stdin(Stdio::null()).output().expect("run wxgate")
+    Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run wxgate")
 }
 
 fn code(out: &Output) -> i32 {
@@ -32,7 +36,13 @@ fn stderr(out: &Output) -> String {
 /// A server with the accounts of the shipped demo config (at `/wechat`).
 fn demo_server() -> Server {
     let shipped = include_str!("../../../../wxgate.toml");
-    Server::start(&shipped.split("[[accounts]]").skip(1).map(|a| format!("[[accounts]]{a}")).collect::<String>())
+    Server::start(
+        &shipped
+            .split("[[accounts]]")
+            .skip(1)
+            .map(|a| format!("[[accounts]]{a}"))
+            .collect::<String>(),
+    )
 }
 
 /// A local port nobody listens on.
@@ -53,10 +63,23 @@ fn exit_codes_tell_bad_input_service_errors_and_failed_expectations_apart() {
     let dir = server.dir.path();
 
     // 1: bad input, named.
-    let out = wxgate(&["sim", "push", "--url", &url, "--token", TOKEN, "--mode", "safe", "text", "--content", "hi"]);
+    let out = wxgate(&[
+        "sim",
+        "push",
+        "--url",
+        &url,
+        "--token",
+        TOKEN,
+        "--mode",
+        "safe",
+        "text",
+        "--content",
+        "hi",
+    ]);
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("--aes-key"), "{}", stderr(&out));
-    let bad_kind = write(dir, "bad_kind.toml", "[[steps]]\nfollower = \"a\"\npush = \"fly --to moon\"\n");
+    let bad_kind =
+        write(dir, "bad_kind.toml", "[[steps]]\nfollower = \"a\"\npush = \"fly --to moon\"\n");
     let out = wxgate(&["sim", "scenario", &bad_kind, "--url", &url, "--token", TOKEN]);
     assert_eq!(code(&out), 1);
     let err = stderr(&out);
@@ -64,14 +87,28 @@ fn exit_codes_tell_bad_input_service_errors_and_failed_expectations_apart() {
     assert!(err.starts_with(&format!("error: {bad_kind}: steps[0].push: ")), "{err}");
     assert_eq!(err.matches("error:").count(), 1, "{err}");
     assert!(!err.contains("Usage"), "{err}");
-    let contradiction = write(dir, "contradiction.toml", "[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\nexpect_nothing = true\nexpect_text = \"x\"\n");
+    let contradiction = write(
+        dir,
+        "contradiction.toml",
+        "[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\nexpect_nothing = true\nexpect_text = \"x\"\n",
+    );
     let out = wxgate(&["sim", "scenario", &contradiction, "--url", &url, "--token", TOKEN]);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("steps[0]: expect_nothing"), "{}", stderr(&out));
-    let toml_error = write(dir, "typo.toml", "[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\nexpect_txt = \"x\"\n");
+    let toml_error = write(
+        dir,
+        "typo.toml",
+        "[[steps]]\nfollower = \"a\"\npush = \"click --key K\"\nexpect_txt = \"x\"\n",
+    );
     let out = wxgate(&["sim", "scenario", &toml_error, "--url", &url, "--token", TOKEN]);
     assert_eq!(code(&out), 1);
-    assert!(stderr(&out).starts_with(&format!("error: {toml_error}: line 4, column 1: unknown field `expect_txt`")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "error: {toml_error}: line 4, column 1: unknown field `expect_txt`"
+        )),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(stderr(&out).trim_end().lines().count(), 1);
     assert!(server.records().is_empty(), "nothing is sent on bad input");
 
@@ -80,7 +117,17 @@ fn exit_codes_tell_bad_input_service_errors_and_failed_expectations_apart() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 
     // 3: the follower would see the service error; the refusal's body is shown.
-    let out = wxgate(&["sim", "push", "--url", &url, "--token", "not-the-token", "text", "--content", "hi"]);
+    let out = wxgate(&[
+        "sim",
+        "push",
+        "--url",
+        &url,
+        "--token",
+        "not-the-token",
+        "text",
+        "--content",
+        "hi",
+    ]);
     assert_eq!(code(&out), 3, "{}", stdout(&out));
     assert!(stdout(&out).contains("delivery 1: HTTP 403 \""), "{}", stdout(&out));
     assert!(stdout(&out).contains("该公众号暂时无法提供服务"), "{}", stdout(&out));
@@ -97,32 +144,51 @@ fn exit_codes_tell_bad_input_service_errors_and_failed_expectations_apart() {
     assert_eq!(code(&out), 4, "{}", stdout(&out));
     let text = stdout(&out);
     assert!(text.contains("expected the text \"bye\", got \"hi\""), "{text}");
-    assert!(text.contains("alice: text --content hi") && text.contains("bob: text --content hi"), "steps name their follower: {text}");
+    assert!(
+        text.contains("alice: text --content hi") && text.contains("bob: text --content hi"),
+        "steps name their follower: {text}"
+    );
     assert!(text.contains("1 of 2 steps as expected"), "{text}");
 
     // 0, and check-config names the file on error.
     let out = wxgate(&["sim", "push", "--url", &url, "--token", TOKEN, "click", "--key", "MENU_A"]);
     assert_eq!(code(&out), 0, "{}", stdout(&out));
-    let bad_config = write(dir, "bad_config.toml", &crate::helpers::account_toml("/x", "").replace(AES_KEY, "short"));
+    let bad_config = write(
+        dir,
+        "bad_config.toml",
+        &crate::helpers::account_toml("/x", "").replace(AES_KEY, "short"),
+    );
     let out = wxgate(&["check-config", "--config", &bad_config]);
     assert_eq!(code(&out), 1);
-    assert!(stderr(&out).starts_with(&format!("error: {bad_config}: accounts[0].encoding_aes_key")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with(&format!("error: {bad_config}: accounts[0].encoding_aes_key")),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn urls_must_be_plain_http_and_connection_errors_show_their_cause() {
-    let out = wxgate(&["sim", "push", "--url", "127.0.0.1:8080/wechat", "--token", TOKEN, "unsubscribe"]);
+    let out =
+        wxgate(&["sim", "push", "--url", "127.0.0.1:8080/wechat", "--token", TOKEN, "unsubscribe"]);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("--url") && stderr(&out).contains("http://"), "{}", stderr(&out));
     assert!(stdout(&out).is_empty(), "nothing sent: {}", stdout(&out));
 
-    let out = wxgate(&["sim", "journey", "--url", "https://wx.example.com/wechat", "--token", TOKEN]);
+    let out =
+        wxgate(&["sim", "journey", "--url", "https://wx.example.com/wechat", "--token", TOKEN]);
     assert_eq!(code(&out), 1);
     let err = stderr(&out);
-    assert!(err.contains("--url") && err.contains("not supported") && err.contains("http://127.0.0.1:8080/wechat"), "{err}");
+    assert!(
+        err.contains("--url")
+            && err.contains("not supported")
+            && err.contains("http://127.0.0.1:8080/wechat"),
+        "{err}"
+    );
 
     let url = format!("http://127.0.0.1:{}/wechat", closed_port());
-    let out = wxgate(&["sim", "push", "--url", &url, "--token", TOKEN, "--attempts", "2", "unsubscribe"]);
+    let out =
+        wxgate(&["sim", "push", "--url", &url, "--token", TOKEN, "--attempts", "2", "unsubscribe"]);
     assert_eq!(code(&out), 3);
     let text = stdout(&out).to_lowercase();
     assert!(text.contains("connection refused"), "{text}");
@@ -153,7 +219,22 @@ fn load_refuses_bad_flags_and_sends_rate_times_duration() {
     }
     assert!(server.records().is_empty());
 
-    let out = wxgate(&["sim", "load", "--url", &url, "--token", TOKEN, "--aes-key", AES_KEY, "--rate", "40", "--duration", "1.5", "--followers", "7"]);
+    let out = wxgate(&[
+        "sim",
+        "load",
+        "--url",
+        &url,
+        "--token",
+        TOKEN,
+        "--aes-key",
+        AES_KEY,
+        "--rate",
+        "40",
+        "--duration",
+        "1.5",
+        "--followers",
+        "7",
+    ]);
     assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("pushes sent:     60\n"), "{}", stdout(&out));
     assert_eq!(server.records().len(), 60);
@@ -164,7 +245,18 @@ fn load_refuses_bad_flags_and_sends_rate_times_duration() {
 fn events_piped_into_a_reader_that_stops_early_ends_cleanly() {
     let server = Server::start(&crate::helpers::account_toml("/wx", ""));
     // Enough records that their JSON overflows a pipe's buffer.
-    let out = wxgate(&["sim", "load", "--url", &server.url("/wx"), "--token", TOKEN, "--rate", "400", "--duration", "1"]);
+    let out = wxgate(&[
+        "sim",
+        "load",
+        "--url",
+        &server.url("/wx"),
+        "--token",
+        TOKEN,
+        "--rate",
+        "400",
+        "--duration",
+        "1",
+    ]);
     assert_eq!(code(&out), 0, "{}", stdout(&out));
     assert!(server.records().iter().map(|r| r.to_string().len() + 1).sum::<usize>() > 128 * 1024);
 
@@ -190,14 +282,16 @@ fn two_journeys_in_a_row_are_both_handled_and_replay_is_answered_from_the_record
     let server = demo_server();
     let url = server.url("/wechat");
     for _ in 0..2 {
-        let out = wxgate(&["sim", "journey", "--url", &url, "--token", TOKEN, "--aes-key", AES_KEY]);
+        let out =
+            wxgate(&["sim", "journey", "--url", &url, "--token", TOKEN, "--aes-key", AES_KEY]);
         assert_eq!(code(&out), 0, "{}", stdout(&out));
         assert!(stdout(&out).contains("11 of 11 steps as expected"), "{}", stdout(&out));
     }
     let records = server.records();
     assert_eq!(records.len(), 22, "two runs are 22 pushes, not 11 retried");
     assert!(records.iter().all(|r| r["deliveries"] == 1));
-    let mut followers: Vec<&str> = records.iter().map(|r| r["FromUserName"].as_str().unwrap()).collect();
+    let mut followers: Vec<&str> =
+        records.iter().map(|r| r["FromUserName"].as_str().unwrap()).collect();
     followers.dedup();
     assert_eq!(followers.len(), 2, "{followers:?}");
     for f in &followers {
@@ -208,7 +302,17 @@ fn two_journeys_in_a_row_are_both_handled_and_replay_is_answered_from_the_record
     // Sent again to the server that recorded them, they are retries: answered, not recorded twice.
     let file = server.dir.path().join("events.jsonl");
     std::fs::write(&file, records.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
-    let out = wxgate(&["sim", "replay", &file.to_string_lossy(), "--url", &url, "--token", TOKEN, "--aes-key", AES_KEY]);
+    let out = wxgate(&[
+        "sim",
+        "replay",
+        &file.to_string_lossy(),
+        "--url",
+        &url,
+        "--token",
+        TOKEN,
+        "--aes-key",
+        AES_KEY,
+    ]);
     assert_eq!(code(&out), 0, "{}", stdout(&out));
     let text = stdout(&out);
     assert!(text.contains("[  1] subscribe_event qrscene_spring_poster -> text: \"Welcome, you came from the spring_poster poster\" (1 delivery, "), "{text}");

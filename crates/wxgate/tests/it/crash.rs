@@ -65,10 +65,19 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
     .unwrap();
     let server = Arc::new(Mutex::new(Some(Server::start_on(dir, config.clone(), port))));
 
-    let wechat = sim::Account { token: TOKEN.into(), app_id: APP_ID.into(), aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()), original_id: GH.into() };
+    let wechat = sim::Account {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
+        original_id: GH.into(),
+    };
     let url = format!("http://127.0.0.1:{port}/wx");
     // WeChat's rules, sped up: retries keep coming while the server is down.
-    let rules = Rules { deadline: Duration::from_secs(3), attempts: 8, retry_interval: Duration::from_millis(250) };
+    let rules = Rules {
+        deadline: Duration::from_secs(3),
+        attempts: 8,
+        retry_interval: Duration::from_millis(250),
+    };
     const PUSHES: usize = 240;
     let done = Arc::new(AtomicUsize::new(0));
     let acked: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
@@ -78,11 +87,35 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
     for n in 0..PUSHES as u64 {
         let follower = format!("oCrashFollower{:014}", n % 9);
         let push = match n % 3 {
-            0 => compose::text(GH, &follower, 1_733_320_000 + n, &format!("crash {n}"), 5_000_000 + n),
-            1 => compose::event(GH, &follower, 1_733_320_000 + n, "LOCATION", &[("Latitude", "23.1"), ("Longitude", "113.2"), ("Precision", &n.to_string())]),
-            _ => compose::event(GH, &follower, 1_733_320_000 + n, "CLICK", &[("EventKey", &format!("K{n}"))]),
+            0 => compose::text(
+                GH,
+                &follower,
+                1_733_320_000 + n,
+                &format!("crash {n}"),
+                5_000_000 + n,
+            ),
+            1 => compose::event(
+                GH,
+                &follower,
+                1_733_320_000 + n,
+                "LOCATION",
+                &[("Latitude", "23.1"), ("Longitude", "113.2"), ("Precision", &n.to_string())],
+            ),
+            _ => compose::event(
+                GH,
+                &follower,
+                1_733_320_000 + n,
+                "CLICK",
+                &[("EventKey", &format!("K{n}"))],
+            ),
         };
-        let (wechat, url, done, acked, permit) = (wechat.clone(), url.clone(), done.clone(), acked.clone(), limit.clone().acquire_owned().await.unwrap());
+        let (wechat, url, done, acked, permit) = (
+            wechat.clone(),
+            url.clone(),
+            done.clone(),
+            acked.clone(),
+            limit.clone().acquire_owned().await.unwrap(),
+        );
         tasks.spawn(async move {
             let report = deliver(&wechat, &url, &push, Mode::Safe, rules).await;
             let ok = report.attempts.iter().any(|a| matches!(a.result, Ok((200, _))));
@@ -97,7 +130,10 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
             let server = server.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(400)).await;
-                let restarted = tokio::task::spawn_blocking(move || Server::start_on(dir, cfg, port)).await.unwrap();
+                let restarted =
+                    tokio::task::spawn_blocking(move || Server::start_on(dir, cfg, port))
+                        .await
+                        .unwrap();
                 *server.lock().unwrap() = Some(restarted);
             });
         }
@@ -122,7 +158,8 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
 
     // Every acknowledged forward reached the service (background ones through the
     // outbox, possibly after the restart), and each was handled once.
-    let forwarded: Vec<&String> = acked_keys.iter().copied().filter(|k| !k.contains(":CLICK:")).collect();
+    let forwarded: Vec<&String> =
+        acked_keys.iter().copied().filter(|k| !k.contains(":CLICK:")).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let handled = receiver.handled.lock().unwrap().clone();
@@ -130,11 +167,21 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
         if missing.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "{} forwards never arrived, e.g. {:?}", missing.len(), missing.first());
+        assert!(
+            Instant::now() < deadline,
+            "{} forwards never arrived, e.g. {:?}",
+            missing.len(),
+            missing.first()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deliveries = receiver.deliveries.lock().unwrap().len();
     let handled = receiver.handled.lock().unwrap().len();
     assert!(deliveries >= handled, "at least once");
-    eprintln!("crash test: {} pushes, {} acknowledged, {} records, {deliveries} forwards for {handled} keys", PUSHES, acked_keys.len(), records.len());
+    eprintln!(
+        "crash test: {} pushes, {} acknowledged, {} records, {deliveries} forwards for {handled} keys",
+        PUSHES,
+        acked_keys.len(),
+        records.len()
+    );
 }

@@ -33,24 +33,68 @@ fn account() -> sim::Account {
 fn journey(t: u64) -> Vec<(String, Option<&'static str>, &'static str)> {
     vec![
         (
-            compose::event(GH, USER, t, "subscribe", &[("EventKey", "qrscene_spring_poster"), ("Ticket", "TICKET1")]),
+            compose::event(
+                GH,
+                USER,
+                t,
+                "subscribe",
+                &[("EventKey", "qrscene_spring_poster"), ("Ticket", "TICKET1")],
+            ),
             Some("Welcome, you came from the spring_poster poster"),
             "subscribe_event",
         ),
         (
-            compose::event(GH, USER, t + 1, "SCAN", &[("EventKey", "spring_poster"), ("Ticket", "TICKET1")]),
+            compose::event(
+                GH,
+                USER,
+                t + 1,
+                "SCAN",
+                &[("EventKey", "spring_poster"), ("Ticket", "TICKET1")],
+            ),
             Some("Welcome back (scene spring_poster)"),
             "scan_event",
         ),
         (
-            compose::event(GH, USER, t + 2, "LOCATION", &[("Latitude", "23.137466"), ("Longitude", "113.352425"), ("Precision", "119.385040")]),
+            compose::event(
+                GH,
+                USER,
+                t + 2,
+                "LOCATION",
+                &[
+                    ("Latitude", "23.137466"),
+                    ("Longitude", "113.352425"),
+                    ("Precision", "119.385040"),
+                ],
+            ),
             None,
             "location_report_event",
         ),
-        (compose::event(GH, USER, t + 3, "CLICK", &[("EventKey", "MENU_A")]), Some("clicked MENU_A"), "click_event"),
-        (compose::event(GH, USER, t + 4, "VIEW", &[("EventKey", "https://example.com/menu"), ("MenuId", "123")]), None, "view_event"),
-        (compose::text(GH, USER, t + 5, "hello 你好 🌏", t * 10), Some("hello 你好 🌏"), "text_message"),
-        (compose::event(GH, USER, t + 6, "unsubscribe", &[("EventKey", "")]), None, "unsubscribe_event"),
+        (
+            compose::event(GH, USER, t + 3, "CLICK", &[("EventKey", "MENU_A")]),
+            Some("clicked MENU_A"),
+            "click_event",
+        ),
+        (
+            compose::event(
+                GH,
+                USER,
+                t + 4,
+                "VIEW",
+                &[("EventKey", "https://example.com/menu"), ("MenuId", "123")],
+            ),
+            None,
+            "view_event",
+        ),
+        (
+            compose::text(GH, USER, t + 5, "hello 你好 🌏", t * 10),
+            Some("hello 你好 🌏"),
+            "text_message",
+        ),
+        (
+            compose::event(GH, USER, t + 6, "unsubscribe", &[("EventKey", "")]),
+            None,
+            "unsubscribe_event",
+        ),
     ]
 }
 
@@ -143,7 +187,13 @@ async fn events_command_prints_wechat_field_names() {
     let server = demo_server();
     let wechat = account();
     let http = Http::new(Duration::from_secs(5));
-    let push = compose::event(GH, USER, 1_733_400_999, "subscribe", &[("EventKey", "qrscene_spring_poster")]);
+    let push = compose::event(
+        GH,
+        USER,
+        1_733_400_999,
+        "subscribe",
+        &[("EventKey", "qrscene_spring_poster")],
+    );
     http.post(&server.url("/wechat"), &wechat.deliver(&push, Mode::Safe)).await.unwrap();
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
@@ -153,7 +203,11 @@ async fn events_command_prints_wechat_field_names() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 1);
     let line = &lines[0];
     assert_eq!(line["MsgType"], "event");

@@ -24,7 +24,12 @@ const SECRET: &str = "hook-secret-for-tests";
 const USER: &str = "oForwardUser0000000000000001";
 
 fn wechat() -> sim::Account {
-    sim::Account { token: TOKEN.into(), app_id: APP_ID.into(), aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()), original_id: GH.into() }
+    sim::Account {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
+        original_id: GH.into(),
+    }
 }
 
 /// The owner's service: answers `{"text": "hook: <Content>"}` after `delay`, failing
@@ -48,9 +53,16 @@ impl Hook {
                 async move {
                     let ts = headers["x-wxgate-timestamp"].to_str().unwrap().to_owned();
                     let sig = headers["x-wxgate-signature"].to_str().unwrap().to_owned();
-                    assert_eq!(sig, wxgate::forward::sign(SECRET, &ts, &body), "forwards are signed");
+                    assert_eq!(
+                        sig,
+                        wxgate::forward::sign(SECRET, &ts, &body),
+                        "forwards are signed"
+                    );
                     let payload: Value = serde_json::from_slice(&body).unwrap();
-                    assert_eq!(headers["x-wxgate-dedup-key"].to_str().unwrap(), payload["dedup_key"].as_str().unwrap());
+                    assert_eq!(
+                        headers["x-wxgate-dedup-key"].to_str().unwrap(),
+                        payload["dedup_key"].as_str().unwrap()
+                    );
                     calls.lock().unwrap().push(payload.clone());
                     tokio::time::sleep(delay).await;
                     if failures.load(Ordering::SeqCst) > 0 {
@@ -114,7 +126,10 @@ async fn a_forward_answering_in_time_is_the_passive_reply() {
     let calls = hook.calls();
     assert_eq!(calls.len(), 1);
     let p = &calls[0];
-    assert_eq!((p["account"].as_str(), p["kind"].as_str(), p["from"].as_str()), (Some("fw"), Some("text_message"), Some(USER)));
+    assert_eq!(
+        (p["account"].as_str(), p["kind"].as_str(), p["from"].as_str()),
+        (Some("fw"), Some("text_message"), Some(USER))
+    );
     assert_eq!(p["fields"]["MsgType"], "text");
     assert!(p["xml"].as_str().unwrap().contains("hello hook"));
     assert!(p["reply_deadline_unix_ms"].as_i64().unwrap() > 0);
@@ -129,8 +144,15 @@ async fn a_late_forward_is_answered_success_then_sent_once_as_a_customer_service
     let (api, base) = mock_api().await;
     api.interaction(USER);
     // The first send is refused as if the token had been replaced elsewhere.
-    api.inject(Fault { path: "/cgi-bin/message/custom/send".into(), errcode: Some(40001), times: 1, ..Fault::default() });
-    let extra = format!("app_secret = \"simsecret0000000000000000000000\"\napi_base = \"{base}\"\nlate_reply = \"customer_service\"");
+    api.inject(Fault {
+        path: "/cgi-bin/message/custom/send".into(),
+        errcode: Some(40001),
+        times: 1,
+        ..Fault::default()
+    });
+    let extra = format!(
+        "app_secret = \"simsecret0000000000000000000000\"\napi_base = \"{base}\"\nlate_reply = \"customer_service\""
+    );
     let server = Server::start(&config(&hook, 200, &extra));
 
     let push = compose::text(GH, USER, 1_733_311_000, "slow question", 2);
@@ -140,8 +162,14 @@ async fn a_late_forward_is_answered_success_then_sent_once_as_a_customer_service
     assert_eq!(report.attempts.len(), 1);
     assert!(started.elapsed() < Duration::from_millis(590), "did not wait for the slow service");
 
-    let sent = || api.calls().into_iter().filter(|c| c.path == "/cgi-bin/message/custom/send").collect::<Vec<_>>();
-    eventually("the late reply is sent", || sent().iter().any(|c| c.response["errcode"] == 0)).await;
+    let sent = || {
+        api.calls()
+            .into_iter()
+            .filter(|c| c.path == "/cgi-bin/message/custom/send")
+            .collect::<Vec<_>>()
+    };
+    eventually("the late reply is sent", || sent().iter().any(|c| c.response["errcode"] == 0))
+        .await;
     let sends = sent();
     assert_eq!(sends.len(), 2, "refused once with 40001, then sent with a fresh token");
     assert_eq!(sends[1].body["touser"], USER);
@@ -156,7 +184,11 @@ async fn hold_for_retry_answers_the_retry_when_the_reply_is_ready() {
     let hook = Hook::start(Duration::from_millis(800), 0).await;
     let server = Server::start(&config(&hook, 300, "late_reply = \"hold_for_retry\""));
     let push = compose::text(GH, USER, 1_733_312_000, "hold on", 3);
-    let rules = Rules { deadline: Duration::from_millis(1500), attempts: 3, retry_interval: Duration::ZERO };
+    let rules = Rules {
+        deadline: Duration::from_millis(1500),
+        attempts: 3,
+        retry_interval: Duration::ZERO,
+    };
     let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Safe, rules).await;
     assert_eq!(report.seen.text(), Some("hook: hold on"), "{:?}", report.attempts);
     assert!(report.attempts.len() >= 2, "the first delivery was left for a retry");
@@ -167,9 +199,14 @@ async fn hold_for_retry_answers_the_retry_when_the_reply_is_ready() {
 #[tokio::test]
 async fn hold_for_retry_answers_the_last_delivery_success() {
     let hook = Hook::start(Duration::from_millis(2500), 0).await;
-    let server = Server::start(&config(&hook, 200, "late_reply = \"hold_for_retry\"\nwechat_attempts = 2"));
+    let server =
+        Server::start(&config(&hook, 200, "late_reply = \"hold_for_retry\"\nwechat_attempts = 2"));
     let push = compose::text(GH, USER, 1_733_312_500, "too slow", 4);
-    let rules = Rules { deadline: Duration::from_millis(1000), attempts: 2, retry_interval: Duration::ZERO };
+    let rules = Rules {
+        deadline: Duration::from_millis(1000),
+        attempts: 2,
+        retry_interval: Duration::ZERO,
+    };
     let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Safe, rules).await;
     assert_eq!(report.seen, Seen::Nothing, "{:?}", report.attempts);
     assert_eq!(report.attempts.len(), 2);
@@ -197,7 +234,10 @@ async fn retries_during_a_slow_forward_run_it_once_and_all_get_its_reply() {
         .collect();
     for t in tasks {
         let a = t.await.unwrap();
-        assert_eq!(wechat().judge(&push, Mode::Plain, a.status, &a.body).text(), Some("hook: once only"));
+        assert_eq!(
+            wechat().judge(&push, Mode::Plain, a.status, &a.body).text(),
+            Some("hook: once only")
+        );
     }
     assert_eq!(hook.calls().len(), 1);
     assert_eq!(server.records().len(), 1);
@@ -220,15 +260,32 @@ async fn background_forwards_go_through_the_outbox_in_order_and_survive_failures
     let hook = Hook::start(Duration::ZERO, 2).await;
     let server = Server::start(&config(&hook, 1000, ""));
     for i in 0..3u64 {
-        let push = compose::event(GH, USER, 1_733_315_000 + i, "LOCATION", &[("Latitude", "23.1"), ("Longitude", "113.2"), ("Precision", &i.to_string())]);
-        let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
+        let push = compose::event(
+            GH,
+            USER,
+            1_733_315_000 + i,
+            "LOCATION",
+            &[("Latitude", "23.1"), ("Longitude", "113.2"), ("Precision", &i.to_string())],
+        );
+        let report =
+            deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
         assert_eq!(report.seen, Seen::Nothing, "answered at once");
     }
     // Two failures, then everything arrives, in the follower's order.
-    eventually("three deliveries", || hook.calls().iter().filter(|c| c["kind"] == "location_report_event").count() >= 5).await;
+    eventually("three deliveries", || {
+        hook.calls().iter().filter(|c| c["kind"] == "location_report_event").count() >= 5
+    })
+    .await;
     let data = server.dir.path().join("data");
-    eventually("all delivered", || wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 3).await;
-    let order: Vec<String> = hook.calls().iter().map(|c| c["fields"]["Precision"].as_str().unwrap().to_owned()).collect();
+    eventually("all delivered", || {
+        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 3
+    })
+    .await;
+    let order: Vec<String> = hook
+        .calls()
+        .iter()
+        .map(|c| c["fields"]["Precision"].as_str().unwrap().to_owned())
+        .collect();
     let mut delivered = order.clone();
     delivered.dedup();
     assert_eq!(delivered, ["0", "1", "2"], "in order, each retried until it went: {order:?}");
@@ -238,10 +295,19 @@ async fn background_forwards_go_through_the_outbox_in_order_and_survive_failures
 async fn what_keeps_failing_is_parked_then_redriven() {
     let hook = Hook::start(Duration::ZERO, 3).await;
     let server = Server::start(&config(&hook, 1000, ""));
-    let push = compose::event(GH, USER, 1_733_316_000, "LOCATION", &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "3")]);
+    let push = compose::event(
+        GH,
+        USER,
+        1_733_316_000,
+        "LOCATION",
+        &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "3")],
+    );
     deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
     let data = server.dir.path().join("data");
-    eventually("parked as dead after 3 attempts", || wxgate::store::outbox_list(&data, Some("dead")).unwrap().len() == 1).await;
+    eventually("parked as dead after 3 attempts", || {
+        wxgate::store::outbox_list(&data, Some("dead")).unwrap().len() == 1
+    })
+    .await;
     let dead = &wxgate::store::outbox_list(&data, Some("dead")).unwrap()[0];
     assert_eq!(dead.attempts, 3);
     assert!(dead.last_error.as_deref().unwrap().contains("500"));
@@ -252,7 +318,10 @@ async fn what_keeps_failing_is_parked_then_redriven() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    eventually("delivered after the redrive", || wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1).await;
+    eventually("delivered after the redrive", || {
+        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -260,7 +329,13 @@ async fn the_outbox_survives_a_restart() {
     // The service is down while the push arrives and the server is killed.
     let hook = Hook::start(Duration::ZERO, 1000).await;
     let server = Server::start(&config(&hook, 1000, ""));
-    let push = compose::event(GH, USER, 1_733_317_000, "LOCATION", &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "9")]);
+    let push = compose::event(
+        GH,
+        USER,
+        1_733_317_000,
+        "LOCATION",
+        &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "9")],
+    );
     let r = deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
     assert_eq!(r.seen, Seen::Nothing);
     let (dir, cfg) = server.kill();
@@ -268,7 +343,10 @@ async fn the_outbox_survives_a_restart() {
     hook.failures_left.store(0, Ordering::SeqCst);
     let server = Server::start_at(dir, cfg);
     let data = server.dir.path().join("data");
-    eventually("delivered after the restart", || wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1).await;
+    eventually("delivered after the restart", || {
+        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+    })
+    .await;
     assert_eq!(hook.calls().last().unwrap()["fields"]["Precision"], "9");
     // And the server forwards in time as before.
     let push = compose::text(GH, USER, 1_733_317_001, "after", 7);

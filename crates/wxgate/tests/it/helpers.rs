@@ -70,7 +70,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut startup = Vec::new();
         let port = loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server did not start");
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("server did not start");
             startup.push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 break rest.trim().rsplit(':').next().unwrap().parse().unwrap();
@@ -90,11 +92,7 @@ impl Server {
     /// Every record in the store, as `wxgate events` prints them.
     pub fn records(&self) -> Vec<Value> {
         let data = wxgate::Config::load(&self.config).unwrap().data_dir;
-        wxgate::store::read_all(&data, None)
-            .unwrap()
-            .iter()
-            .map(wxgate::events::to_json)
-            .collect()
+        wxgate::store::read_all(&data, None).unwrap().iter().map(wxgate::events::to_json).collect()
     }
 
     /// Log lines printed so far.
@@ -145,7 +143,13 @@ pub enum Body<'a> {
 }
 
 /// Sends one request on a fresh connection and reads the whole answer.
-pub fn request(addr: &str, method: &str, target: &str, headers: &[(&str, &str)], body: Body) -> std::io::Result<Response> {
+pub fn request(
+    addr: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Body,
+) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -179,10 +183,15 @@ pub fn request(addr: &str, method: &str, target: &str, headers: &[(&str, &str)],
 
 fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let split =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
     let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head not utf-8"))?;
     let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).ok_or_else(|| bad("status"))?;
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("status"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -197,7 +206,8 @@ fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(pos) = b.windows(2).position(|w| w == b"\r\n") {
-        let len = usize::from_str_radix(std::str::from_utf8(&b[..pos]).unwrap_or("0").trim(), 16).unwrap_or(0);
+        let len = usize::from_str_radix(std::str::from_utf8(&b[..pos]).unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
         if len == 0 {
             break;
         }
@@ -209,7 +219,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 /// POSTs an XML body with `text/xml`.
 pub fn post(addr: &str, target: &str, body: &str) -> Response {
-    request(addr, "POST", target, &[("Content-Type", "text/xml")], Body::Fixed(body.as_bytes())).unwrap()
+    request(addr, "POST", target, &[("Content-Type", "text/xml")], Body::Fixed(body.as_bytes()))
+        .unwrap()
 }
 
 /// The value at a dotted path such as `SendPicsInfo.PicMd5Sums`, `A.List.length` or
@@ -238,7 +249,9 @@ pub fn same(got: &Value, want: &Value) -> bool {
         (Value::String(s), Value::Number(n)) | (Value::Number(n), Value::String(s)) => {
             s.trim().parse::<f64>().ok() == n.as_f64()
         }
-        (Value::Array(a), Value::Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y)),
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
+        }
         _ => got == want,
     }
 }

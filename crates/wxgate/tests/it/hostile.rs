@@ -15,7 +15,12 @@ const RULES: &str = "[[accounts.rules]]\nwhen = { event = \"SCAN\" }\nreply = { 
                      [[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
 
 fn wechat() -> sim::Account {
-    sim::Account { token: TOKEN.into(), app_id: APP_ID.into(), aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()), original_id: GH.into() }
+    sim::Account {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
+        original_id: GH.into(),
+    }
 }
 
 fn send(server: &Server, push: &str, mode: Mode) -> Seen {
@@ -33,7 +38,8 @@ fn a_control_character_inside_a_cdata_end_never_breaks_a_reply() {
             n += 1;
             // In the echoed content, in a templated scene, and in the follower's id.
             let text = compose::text(GH, "oHostile", 1_733_330_000 + n, hostile, 900 + n);
-            let scan = compose::event(GH, "oHostile", 1_733_330_000 + n, "SCAN", &[("EventKey", hostile)]);
+            let scan =
+                compose::event(GH, "oHostile", 1_733_330_000 + n, "SCAN", &[("EventKey", hostile)]);
             let from = compose::text(GH, &format!("o{hostile}"), 1_733_330_000 + n, "hi", 950 + n);
             for push in [&text, &scan, &from] {
                 let seen = send(&server, push, mode);
@@ -50,13 +56,21 @@ fn a_control_character_inside_a_cdata_end_never_breaks_a_reply() {
 #[test]
 fn request_text_never_reaches_the_log_and_cannot_forge_lines() {
     let server = Server::start(&account_toml("/wx", RULES));
-    let secret = compose::text(GH, "oLog", 1_733_331_000, "x", 1).replace("<![CDATA[x]]>", "&card 4111-1111 password hunter2;");
-    let forged = compose::text(GH, "oLog", 1_733_331_001, "x", 2).replace("<![CDATA[x]]>", "&a\n2026-01-01T00:00:00Z  INFO wxgate::http: push account=demo fake=1;");
+    let secret = compose::text(GH, "oLog", 1_733_331_000, "x", 1)
+        .replace("<![CDATA[x]]>", "&card 4111-1111 password hunter2;");
+    let forged = compose::text(GH, "oLog", 1_733_331_001, "x", 2).replace(
+        "<![CDATA[x]]>",
+        "&a\n2026-01-01T00:00:00Z  INFO wxgate::http: push account=demo fake=1;",
+    );
     for (push, mode) in [(&secret, Mode::Safe), (&secret, Mode::Plain), (&forged, Mode::Plain)] {
         let d = wechat().deliver(push, mode);
         let r = post(&server.addr(), &format!("/wx?{}", d.query), &d.body);
         assert_eq!(r.status, 400);
-        assert!(!r.body.contains("hunter2") && !r.body.contains('\n') || r.body.lines().count() == 1, "{:?}", r.body);
+        assert!(
+            !r.body.contains("hunter2") && !r.body.contains('\n') || r.body.lines().count() == 1,
+            "{:?}",
+            r.body
+        );
     }
     std::thread::sleep(Duration::from_millis(200));
     let logs = server.logs().join("\n");
@@ -90,7 +104,8 @@ fn an_authentic_envelope_around_bytes_that_are_not_text_is_a_dead_letter() {
         use aes::cipher::{Array, BlockModeEncrypt, KeyIvInit};
         use base64::Engine;
         let iv: [u8; 16] = key.as_bytes()[..16].try_into().unwrap();
-        let mut c = cbc::Encryptor::<aes::Aes256>::new(&Array::from(*key.as_bytes()), &Array::from(iv));
+        let mut c =
+            cbc::Encryptor::<aes::Aes256>::new(&Array::from(*key.as_bytes()), &Array::from(iv));
         let (blocks, _) = Array::slice_as_chunks_mut(&mut bytes);
         c.encrypt_blocks(blocks);
         base64::engine::general_purpose::STANDARD.encode(&bytes)
@@ -117,7 +132,10 @@ fn a_connection_that_never_finishes_its_headers_is_closed() {
     let started = Instant::now();
     let mut buf = Vec::new();
     let _ = slow.read_to_end(&mut buf);
-    assert!(started.elapsed() < Duration::from_secs(5), "closed after the header timeout, not left open");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after the header timeout, not left open"
+    );
 
     // An idle keep-alive connection is closed the same way.
     let mut idle = TcpStream::connect(server.addr()).unwrap();
@@ -136,7 +154,8 @@ fn a_connection_that_never_finishes_its_headers_is_closed() {
 
 #[test]
 fn sigterm_is_not_held_off_by_a_half_sent_request() {
-    let server = Server::start(&limits().replace("header_timeout_ms = 300", "header_timeout_ms = 60000"));
+    let server =
+        Server::start(&limits().replace("header_timeout_ms = 300", "header_timeout_ms = 60000"));
     let mut slow = TcpStream::connect(server.addr()).unwrap();
     slow.write_all(b"POST /wx HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc").unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -145,9 +164,10 @@ fn sigterm_is_not_held_off_by_a_half_sent_request() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(line) = server.log.recv_timeout(Duration::from_millis(100))
-            && line.contains("stopped") {
-                break;
-            }
+            && line.contains("stopped")
+        {
+            break;
+        }
         assert!(Instant::now() < deadline, "still running 10 s after SIGTERM");
     }
     assert!(started.elapsed() < Duration::from_secs(5), "stopped within the drain time");
@@ -156,8 +176,15 @@ fn sigterm_is_not_held_off_by_a_half_sent_request() {
 
 #[test]
 fn allow_from_closes_connections_from_elsewhere() {
-    let closed = Server::start(&format!("allow_from = [\"10.0.0.0/8\"]\n{}", account_toml("/wx", RULES)));
-    assert!(request(&closed.addr(), "GET", "/healthz", &[], Body::None).is_err(), "127.0.0.1 is not in 10.0.0.0/8");
-    let open = Server::start(&format!("allow_from = [\"10.0.0.0/8\", \"127.0.0.0/8\"]\n{}", account_toml("/wx", RULES)));
+    let closed =
+        Server::start(&format!("allow_from = [\"10.0.0.0/8\"]\n{}", account_toml("/wx", RULES)));
+    assert!(
+        request(&closed.addr(), "GET", "/healthz", &[], Body::None).is_err(),
+        "127.0.0.1 is not in 10.0.0.0/8"
+    );
+    let open = Server::start(&format!(
+        "allow_from = [\"10.0.0.0/8\", \"127.0.0.0/8\"]\n{}",
+        account_toml("/wx", RULES)
+    ));
     assert_eq!(request(&open.addr(), "GET", "/healthz", &[], Body::None).unwrap().status, 200);
 }

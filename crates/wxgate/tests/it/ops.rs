@@ -5,18 +5,24 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use wxgate::sim::delivery::{Rules, deliver};
 use wxgate::sim::{self, Http, Mode, compose};
-use serde_json::Value;
 use wxgate_protocol::EncodingAesKey;
 
 use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, account_toml};
 
-const ECHO: &str = "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
+const ECHO: &str =
+    "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
 const USER: &str = "oOpsTestUser0000000000000001";
 
 fn wechat() -> sim::Account {
-    sim::Account { token: TOKEN.into(), app_id: APP_ID.into(), aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()), original_id: GH.into() }
+    sim::Account {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
+        original_id: GH.into(),
+    }
 }
 
 /// Waits for a log line containing `needle` and returns it.
@@ -38,7 +44,8 @@ fn wait_log(server: &Server, needle: &str, lines: &mut Vec<String>) -> Option<St
 
 #[tokio::test]
 async fn metrics_health_readiness_and_status() {
-    let server = Server::start(&format!("metrics_listen = \"127.0.0.1:0\"\n{}", account_toml("/wx", ECHO)));
+    let server =
+        Server::start(&format!("metrics_listen = \"127.0.0.1:0\"\n{}", account_toml("/wx", ECHO)));
     let mut lines = server.startup.clone();
     let line = wait_log(&server, "metrics on http://", &mut lines).expect("metrics address logged");
     let metrics_url = line.split("metrics on ").nth(1).unwrap().trim().to_owned();
@@ -50,12 +57,22 @@ async fn metrics_health_readiness_and_status() {
     }
     let retry = compose::text(GH, USER, 1_733_303_000, "m", 500);
     deliver(&wechat(), &server.url("/wx"), &retry, Mode::Safe, Rules::default()).await;
-    http.send("POST", &server.url("/wx?signature=x&timestamp=1&nonce=2"), Some("<xml/>")).await.unwrap();
+    http.send("POST", &server.url("/wx?signature=x&timestamp=1&nonce=2"), Some("<xml/>"))
+        .await
+        .unwrap();
 
     let text = http.send("GET", &metrics_url, None).await.unwrap().body;
-    assert!(text.contains("wxgate_pushes_total{account=\"test\",kind=\"text_message\",outcome=\"handled\"} 3"), "{text}");
+    assert!(
+        text.contains(
+            "wxgate_pushes_total{account=\"test\",kind=\"text_message\",outcome=\"handled\"} 3"
+        ),
+        "{text}"
+    );
     assert!(text.contains("outcome=\"duplicate\"} 1"), "{text}");
-    assert!(text.contains("wxgate_rejected_total{account=\"test\",reason=\"bad_signature\"} 1"), "{text}");
+    assert!(
+        text.contains("wxgate_rejected_total{account=\"test\",reason=\"bad_signature\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("wxgate_reply_seconds_count{account=\"test\"} 4"), "{text}");
     assert!(text.contains("wxgate_store_healthy 1"));
     // Metrics are not served on the public address.
@@ -70,10 +87,19 @@ async fn metrics_health_readiness_and_status() {
     let config = std::fs::read_to_string(&server.config).unwrap().replace("127.0.0.1:0", addr);
     let status_config = server.dir.path().join("status.toml");
     std::fs::write(&status_config, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wxgate")).args(["status", "--config"]).arg(&status_config).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(["status", "--config"])
+        .arg(&status_config)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(text.contains("text_message") && text.contains("bad_signature") && text.contains("store_healthy"), "{text}");
+    assert!(
+        text.contains("text_message")
+            && text.contains("bad_signature")
+            && text.contains("store_healthy"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -102,7 +128,8 @@ async fn a_store_outage_is_refused_logged_once_and_recovered_from() {
 
     // While the store cannot write, pushes are refused so that WeChat delivers them again.
     let push = compose::text(GH, USER, 1_733_305_000, "during outage", 77);
-    let one = Rules { deadline: Duration::from_secs(10), attempts: 1, retry_interval: Duration::ZERO };
+    let one =
+        Rules { deadline: Duration::from_secs(10), attempts: 1, retry_interval: Duration::ZERO };
     let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Safe, one).await;
     assert!(matches!(report.attempts[0].result, Ok((503, _))), "{:?}", report.attempts[0].result);
     let second = compose::text(GH, USER, 1_733_305_001, "also during outage", 78);
@@ -130,7 +157,13 @@ async fn records_past_their_retention_are_purged_per_kind() {
         account_toml("/wx", ECHO)
     );
     let server = Server::start(&cfg);
-    let report = compose::event(GH, USER, 1_733_306_000, "LOCATION", &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "3")]);
+    let report = compose::event(
+        GH,
+        USER,
+        1_733_306_000,
+        "LOCATION",
+        &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "3")],
+    );
     let text = compose::text(GH, USER, 1_733_306_001, "keep me", 606);
     for push in [&report, &text] {
         deliver(&wechat(), &server.url("/wx"), push, Mode::Plain, Rules::default()).await;
@@ -151,15 +184,26 @@ async fn a_follower_is_forgotten_on_revoke_and_on_request() {
         let push = compose::text(GH, who, 1_733_307_000 + i as u64, "mine", 700 + i as u64);
         deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
     }
-    let revoke = compose::event(GH, USER, 1_733_307_010, "user_authorization_revoke", &[("OpenID", USER), ("AppID", APP_ID), ("RevokeInfo", "301")]);
+    let revoke = compose::event(
+        GH,
+        USER,
+        1_733_307_010,
+        "user_authorization_revoke",
+        &[("OpenID", USER), ("AppID", APP_ID), ("RevokeInfo", "301")],
+    );
     deliver(&wechat(), &server.url("/wx"), &revoke, Mode::Plain, Rules::default()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while server.records().iter().any(|r| r["FromUserName"] == USER && r["kind"] == "text_message") {
+    while server.records().iter().any(|r| r["FromUserName"] == USER && r["kind"] == "text_message")
+    {
         assert!(Instant::now() < deadline, "the follower's records were not deleted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let kinds: Vec<Value> = server.records().iter().map(|r| r["kind"].clone()).collect();
-    assert_eq!(kinds, ["text_message", "user_authorization_event"], "the other follower and the revoke itself stay");
+    assert_eq!(
+        kinds,
+        ["text_message", "user_authorization_event"],
+        "the other follower and the revoke itself stay"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_wxgate"))
         .args(["forget", "--account", "test", "--openid", other, "--config"])

@@ -20,11 +20,17 @@ use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, account_toml};
 const USER: &str = "oSimTestUser0000000000000001";
 
 fn wechat() -> sim::Account {
-    sim::Account { token: TOKEN.into(), app_id: APP_ID.into(), aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()), original_id: GH.into() }
+    sim::Account {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
+        original_id: GH.into(),
+    }
 }
 
 fn vectors() -> Value {
-    serde_json::from_str(include_str!("../../../wxgate-protocol/tests/fixtures/vectors.json")).unwrap()
+    serde_json::from_str(include_str!("../../../wxgate-protocol/tests/fixtures/vectors.json"))
+        .unwrap()
 }
 
 fn fast(attempts: u32) -> Rules {
@@ -35,8 +41,16 @@ fn fast(attempts: u32) -> Rules {
 fn signs_like_the_vectors() {
     for v in vectors()["url_signature_vectors"].as_array().unwrap() {
         let account = sim::Account { token: v["token"].as_str().unwrap().into(), ..wechat() };
-        let d = account.deliver_at("<xml/>", Mode::Plain, v["timestamp"].as_str().unwrap(), v["nonce"].as_str().unwrap());
-        assert!(d.query.starts_with(&format!("signature={}&", v["expected_signature"].as_str().unwrap())));
+        let d = account.deliver_at(
+            "<xml/>",
+            Mode::Plain,
+            v["timestamp"].as_str().unwrap(),
+            v["nonce"].as_str().unwrap(),
+        );
+        assert!(
+            d.query
+                .starts_with(&format!("signature={}&", v["expected_signature"].as_str().unwrap()))
+        );
     }
 }
 
@@ -45,7 +59,8 @@ fn encrypted_deliveries_open_with_the_protocol_code_and_carry_a_valid_msg_signat
     let push = compose::text(GH, USER, 1, "你好 🌏 ]]>", 1);
     for mode in [Mode::Compatible, Mode::Safe] {
         let d = wechat().deliver_at(&push, mode, "1700000000", "99");
-        let q: std::collections::HashMap<String, String> = form_urlencoded::parse(d.query.as_bytes()).into_owned().collect();
+        let q: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(d.query.as_bytes()).into_owned().collect();
         let outer = wxgate_protocol::xml::parse(&d.body).unwrap();
         let encrypt = outer.text_of("Encrypt").unwrap();
         assert!(signature::verify(&q["msg_signature"], &[TOKEN, "1700000000", "99", encrypt]));
@@ -61,7 +76,9 @@ fn opens_the_vector_reply() {
     let account = sim::Account {
         token: v["config"]["token"].as_str().unwrap().into(),
         app_id: v["config"]["appid"].as_str().unwrap().into(),
-        aes_key: Some(EncodingAesKey::parse(v["config"]["encoding_aes_key"].as_str().unwrap()).unwrap()),
+        aes_key: Some(
+            EncodingAesKey::parse(v["config"]["encoding_aes_key"].as_str().unwrap()).unwrap(),
+        ),
         original_id: "gh_0a1b2c3d4e5f".into(),
     };
     let body = v["reply"]["expected_body"].as_str().unwrap();
@@ -87,7 +104,9 @@ fn seal(account: &sim::Account, inner: &str, ts: &str) -> String {
 
 fn assert_error(seen: Seen, why: &str) {
     match seen {
-        Seen::ServiceError(reason) => assert!(reason.contains(why), "reason {reason:?} should mention {why:?}"),
+        Seen::ServiceError(reason) => {
+            assert!(reason.contains(why), "reason {reason:?} should mention {why:?}")
+        }
         other => panic!("expected the service error ({why}), got {other:?}"),
     }
 }
@@ -99,22 +118,33 @@ fn strict_checks_fail_on_broken_replies() {
     let event = compose::event(GH, USER, 1733300000, "CLICK", &[("EventKey", "K")]);
 
     assert_eq!(w.judge(&push, Mode::Plain, 200, &good_reply("ok")).text(), Some("ok"));
-    assert_eq!(w.judge(&push, Mode::Safe, 200, &seal(&w, &good_reply("ok"), "1733300001")).text(), Some("ok"));
+    assert_eq!(
+        w.judge(&push, Mode::Safe, 200, &seal(&w, &good_reply("ok"), "1733300001")).text(),
+        Some("ok")
+    );
     assert_eq!(w.judge(&push, Mode::Safe, 200, "success"), Seen::Nothing);
     assert_eq!(w.judge(&push, Mode::Safe, 200, ""), Seen::Nothing);
 
     let swapped = good_reply("ok").replace(USER, "TMP").replace(GH, USER).replace("TMP", GH);
     assert_error(w.judge(&push, Mode::Plain, 200, &swapped), "ToUserName");
-    assert_error(w.judge(&push, Mode::Plain, 200, &good_reply("a]]>b").replace("]]]]><![CDATA[>", "]]>")), "well-formed");
+    assert_error(
+        w.judge(&push, Mode::Plain, 200, &good_reply("a]]>b").replace("]]]]><![CDATA[>", "]]>")),
+        "well-formed",
+    );
     assert_error(w.judge(&push, Mode::Plain, 200, &good_reply("a\u{1}b")), "well-formed");
     assert_error(w.judge(&push, Mode::Plain, 200, "{\"text\":\"json\"}"), "well-formed");
-    assert_error(w.judge(&push, Mode::Plain, 200, &good_reply("x").replace("text", "hologram")), "unknown reply MsgType");
+    assert_error(
+        w.judge(&push, Mode::Plain, 200, &good_reply("x").replace("text", "hologram")),
+        "unknown reply MsgType",
+    );
     assert_error(w.judge(&push, Mode::Plain, 500, "oops"), "HTTP status 500");
 
     // News limits: one article for a message, eight otherwise; the count must match.
     let news = |n: usize, count: usize| {
         let items: String = (0..n).map(|i| format!("<item><Title><![CDATA[t{i}]]></Title><Description><![CDATA[d]]></Description><PicUrl><![CDATA[p]]></PicUrl><Url><![CDATA[u]]></Url></item>")).collect();
-        format!("<xml><ToUserName><![CDATA[{USER}]]></ToUserName><FromUserName><![CDATA[{GH}]]></FromUserName><CreateTime>1733300001</CreateTime><MsgType><![CDATA[news]]></MsgType><ArticleCount>{count}</ArticleCount><Articles>{items}</Articles></xml>")
+        format!(
+            "<xml><ToUserName><![CDATA[{USER}]]></ToUserName><FromUserName><![CDATA[{GH}]]></FromUserName><CreateTime>1733300001</CreateTime><MsgType><![CDATA[news]]></MsgType><ArticleCount>{count}</ArticleCount><Articles>{items}</Articles></xml>"
+        )
     };
     assert!(matches!(w.judge(&push, Mode::Plain, 200, &news(1, 1)), Seen::Reply { .. }));
     assert_error(w.judge(&push, Mode::Plain, 200, &news(2, 2)), "articles");
@@ -124,11 +154,20 @@ fn strict_checks_fail_on_broken_replies() {
 
     // The envelope: plaintext to a safe-mode push, ms TimeStamp, wrong AppID, bad pad,
     // a wrong MsgSignature, an extra element.
-    assert_error(w.judge(&push, Mode::Safe, 200, &good_reply("ok")), "plaintext reply to a safe-mode push");
+    assert_error(
+        w.judge(&push, Mode::Safe, 200, &good_reply("ok")),
+        "plaintext reply to a safe-mode push",
+    );
     assert!(matches!(w.judge(&push, Mode::Compatible, 200, &good_reply("ok")), Seen::Reply { .. }));
-    assert_error(w.judge(&push, Mode::Safe, 200, &seal(&w, &good_reply("ok"), "1733300001000")), "Unix seconds");
+    assert_error(
+        w.judge(&push, Mode::Safe, 200, &seal(&w, &good_reply("ok"), "1733300001000")),
+        "Unix seconds",
+    );
     let other_app = sim::Account { app_id: "wx0000000000000000".into(), ..wechat() };
-    assert_error(w.judge(&push, Mode::Safe, 200, &seal(&other_app, &good_reply("ok"), "1733300001")), "app id");
+    assert_error(
+        w.judge(&push, Mode::Safe, 200, &seal(&other_app, &good_reply("ok"), "1733300001")),
+        "app id",
+    );
     let bad_pad = {
         // Encrypt a buffer whose last byte is 0 (no valid PKCS#7 pad) with the right key.
         let key = w.aes_key.as_ref().unwrap();
@@ -142,9 +181,11 @@ fn strict_checks_fail_on_broken_replies() {
         envelope(&encrypt, &sig, 1733300001, "7")
     };
     assert_error(w.judge(&push, Mode::Safe, 200, &bad_pad), "padding");
-    let forged = seal(&w, &good_reply("ok"), "1733300001").replace("<Nonce><![CDATA[7]]>", "<Nonce><![CDATA[8]]>");
+    let forged = seal(&w, &good_reply("ok"), "1733300001")
+        .replace("<Nonce><![CDATA[7]]>", "<Nonce><![CDATA[8]]>");
     assert_error(w.judge(&push, Mode::Safe, 200, &forged), "MsgSignature");
-    let extra = seal(&w, &good_reply("ok"), "1733300001").replace("</xml>", "<Extra>1</Extra></xml>");
+    let extra =
+        seal(&w, &good_reply("ok"), "1733300001").replace("</xml>", "<Extra>1</Extra></xml>");
     assert_error(w.judge(&push, Mode::Safe, 200, &extra), "exactly");
 }
 
@@ -214,14 +255,19 @@ async fn non_200_answers_are_retried_up_to_the_attempt_count() {
 #[tokio::test]
 async fn refused_connections_are_failed_attempts() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let report = deliver(&wechat(), &format!("http://127.0.0.1:{port}/wx"), "<xml/>", Mode::Plain, fast(3)).await;
+    let report =
+        deliver(&wechat(), &format!("http://127.0.0.1:{port}/wx"), "<xml/>", Mode::Plain, fast(3))
+            .await;
     assert_eq!(report.attempts.len(), 3);
     assert!(matches!(report.seen, Seen::ServiceError(_)));
 }
 
 #[tokio::test]
 async fn a_retry_during_a_slow_store_joins_the_first_delivery() {
-    let server = Server::start(&account_toml("/wx", "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n"));
+    let server = Server::start(&account_toml(
+        "/wx",
+        "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n",
+    ));
     let db = server.dir.path().join("data/wxgate.db");
     // Hold the database's write lock so that the first delivery cannot commit for a while.
     let lock = rusqlite::Connection::open(&db).unwrap();
@@ -232,7 +278,11 @@ async fn a_retry_during_a_slow_store_joins_the_first_delivery() {
     });
 
     let push = compose::text(GH, USER, 1_733_301_000, "slow store", 31337);
-    let rules = Rules { deadline: Duration::from_millis(250), attempts: 10, retry_interval: Duration::ZERO };
+    let rules = Rules {
+        deadline: Duration::from_millis(250),
+        attempts: 10,
+        retry_interval: Duration::ZERO,
+    };
     let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Safe, rules).await;
     release.join().unwrap();
 
@@ -244,10 +294,22 @@ async fn a_retry_during_a_slow_store_joins_the_first_delivery() {
 
 #[tokio::test]
 async fn journey_and_scenarios_run_against_the_server() {
-    let server = Server::start(include_str!("../../../../wxgate.toml").split("[[accounts]]").nth(1).map(|a| format!("[[accounts]]{a}")).unwrap().as_str());
-    let results = Scenario::journey().run(&wechat(), &server.url("/wechat"), Mode::Safe, fast(3), |_, _| {}).await;
+    let server = Server::start(
+        include_str!("../../../../wxgate.toml")
+            .split("[[accounts]]")
+            .nth(1)
+            .map(|a| format!("[[accounts]]{a}"))
+            .unwrap()
+            .as_str(),
+    );
+    let results = Scenario::journey()
+        .run(&wechat(), &server.url("/wechat"), Mode::Safe, fast(3), |_, _| {})
+        .await;
     assert!(results.iter().all(|r| r.failure.is_none()));
-    assert_eq!(results[0].report.seen.text(), Some("Welcome, you came from the spring_poster poster"));
+    assert_eq!(
+        results[0].report.seen.text(),
+        Some("Welcome, you came from the spring_poster poster")
+    );
     assert_eq!(server.records().len(), results.len());
 
     let scenario = Scenario::parse(
@@ -255,15 +317,26 @@ async fn journey_and_scenarios_run_against_the_server() {
          [[steps]]\nfollower = \"bob\"\npush = \"click --key MENU_A\"\nexpect_text = \"wrong on purpose\"\n",
     )
     .unwrap();
-    let results = scenario.run(&wechat(), &server.url("/wechat"), Mode::Plain, fast(3), |_, _| {}).await;
+    let results =
+        scenario.run(&wechat(), &server.url("/wechat"), Mode::Plain, fast(3), |_, _| {}).await;
     assert!(results[0].failure.is_none());
     assert!(results[1].failure.as_deref().unwrap().contains("wrong on purpose"));
 }
 
 #[tokio::test]
 async fn load_sends_distinct_pushes_and_retries_get_the_same_answer() {
-    let server = Server::start(&account_toml("/wx", "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n"));
-    let opts = load::Options { followers: 7, rate: 150.0, duration: Duration::from_millis(800), concurrency: 16, retry_ratio: 0.25, rules: fast(3) };
+    let server = Server::start(&account_toml(
+        "/wx",
+        "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n",
+    ));
+    let opts = load::Options {
+        followers: 7,
+        rate: 150.0,
+        duration: Duration::from_millis(800),
+        concurrency: 16,
+        retry_ratio: 0.25,
+        rules: fast(3),
+    };
     let summary = load::run(&wechat(), &server.url("/wx"), Mode::Safe, &opts, |_, _| {}).await;
     assert!(summary.pushes >= 60, "{summary:?}");
     assert_eq!(summary.errors, 0, "{summary:?}");
@@ -285,7 +358,16 @@ async fn replay_sends_recorded_pushes_to_another_server() {
 
     let second = Server::start(&account_toml("/wx", ""));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
-        .args(["sim", "replay", "--url", &second.url("/wx"), "--token", TOKEN, "--aes-key", AES_KEY])
+        .args([
+            "sim",
+            "replay",
+            "--url",
+            &second.url("/wx"),
+            "--token",
+            TOKEN,
+            "--aes-key",
+            AES_KEY,
+        ])
         .arg(&file)
         .output()
         .unwrap();
@@ -297,7 +379,14 @@ async fn replay_sends_recorded_pushes_to_another_server() {
 
 #[test]
 fn the_journey_command_reports_every_step() {
-    let server = Server::start(include_str!("../../../../wxgate.toml").split("[[accounts]]").nth(1).map(|a| format!("[[accounts]]{a}")).unwrap().as_str());
+    let server = Server::start(
+        include_str!("../../../../wxgate.toml")
+            .split("[[accounts]]")
+            .nth(1)
+            .map(|a| format!("[[accounts]]{a}"))
+            .unwrap()
+            .as_str(),
+    );
     for mode in [vec!["--mode", "plain"], vec!["--aes-key", AES_KEY, "--mode", "safe"]] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
             .args(["sim", "journey", "--url", &server.url("/wechat"), "--token", TOKEN])
