@@ -1,7 +1,8 @@
 //! `wxgate events`: recorded pushes as JSON lines. Each line is the push's fields under
 //! WeChat's own names (see [`crate::fields`]) with the record's facts added under
 //! lowercase names WeChat does not use: `id`, `account`, `dedup_key`, `kind`,
-//! `received_at`, `encrypted`, `deliveries`, `dead_letter`, `error`, `reply`, `xml`.
+//! `received_at`, `encrypted`, `deliveries`, `dead_letter`, `error`, `reply`, `status`,
+//! `late_result`, `xml`.
 
 use serde_json::{Map, Value};
 
@@ -25,6 +26,10 @@ pub fn to_json(row: &Row) -> Value {
         line.insert("error".into(), e.clone().into());
     }
     line.insert("reply".into(), row.reply.clone().map_or(Value::Null, Value::from));
+    line.insert("status".into(), row.status.clone().into());
+    if let Some(late) = &row.late_result {
+        line.insert("late_result".into(), late.clone().into());
+    }
     line.insert("xml".into(), row.xml.clone().into());
     Value::Object(line)
 }

@@ -696,6 +696,10 @@ pub struct Row {
     pub error: Option<String>,
     pub received_at_ms: i64,
     pub deliveries: i64,
+    /// `answered`, `forwarding`, `late` or `failed`.
+    pub status: String,
+    /// What became of a late reply.
+    pub late_result: Option<String>,
 }
 
 /// One outbox entry as listed by the CLI.
@@ -811,7 +815,8 @@ pub fn read_all(dir: &Path, account: Option<&str>) -> Result<Vec<Row>, StoreErro
     let conn = open_read(&path)?;
     let mut stmt = conn
         .prepare(
-            "SELECT id, account, dedup_key, kind, encrypted, xml, fields, reply, dead_letter, error, received_at, deliveries
+            "SELECT id, account, dedup_key, kind, encrypted, xml, fields, reply, dead_letter, error, received_at, deliveries,
+                    status, late_result
              FROM pushes WHERE ?1 IS NULL OR account = ?1 ORDER BY id",
         )
         .map_err(read_err)?;
@@ -830,6 +835,8 @@ pub fn read_all(dir: &Path, account: Option<&str>) -> Result<Vec<Row>, StoreErro
                 error: r.get(9)?,
                 received_at_ms: r.get(10)?,
                 deliveries: r.get(11)?,
+                status: r.get(12)?,
+                late_result: r.get(13)?,
             })
         })
         .map_err(read_err)?;

@@ -175,7 +175,8 @@ async fn a_late_forward_is_answered_success_then_sent_once_as_a_customer_service
     assert_eq!(sends[1].body["touser"], USER);
     assert_eq!(sends[1].body["text"]["content"], "hook: slow question");
     assert_ne!(sends[0].query, sends[1].query, "the retry used another token");
-    eventually("the record says so", || server.records()[0]["reply"].is_string()).await;
+    eventually("the record says so", || server.records()[0]["late_result"] == "sent as a customer-service message").await;
+    assert_eq!(server.records()[0]["status"], "late");
     assert_eq!(hook.calls().len(), 1);
 }
 
