@@ -374,10 +374,21 @@ impl ForwardJob {
             }
             Err(e) => {
                 warn!(account = %s.account.name, url = %self.url, error = %e, "forward failed");
-                let late =
-                    if guard.is_some() { None } else { Some(format!("forward failed: {e}")) };
-                let _ = s.store.update(self.update(None, Status::Failed, late)).await;
-                // With the guard dropped here, a retry of this push forwards again.
+                if guard.is_some() && !gave_up {
+                    // WeChat has no answer yet: with the guard dropped here, its next
+                    // delivery of this push forwards again.
+                    let _ = s.store.update(self.update(None, Status::Failed, None)).await;
+                    return;
+                }
+                // WeChat was answered `success`, so no retry will come: the owner's
+                // service still gets the push, through the outbox.
+                let entry = OutboxEntry { url: self.url.clone(), payload: self.payload.clone() };
+                let queued = s.store.enqueue(&s.account.name, &self.key, &self.from, entry).await;
+                let result = match queued {
+                    Ok(()) => format!("forward failed ({e}); queued for background delivery"),
+                    Err(q) => format!("forward failed ({e}); not queued: {q}"),
+                };
+                let _ = s.store.update(self.update(None, Status::Late, Some(result))).await;
             }
         }
     }

@@ -178,6 +178,14 @@ enum Op {
         cutoffs: Vec<(Option<String>, i64)>,
         done: oneshot::Sender<Result<usize, StoreError>>,
     },
+    /// Queues a background delivery of a recorded push.
+    Enqueue {
+        account: String,
+        dedup_key: String,
+        follower: String,
+        entry: OutboxEntry,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Deletes every record of one follower; answers how many.
     Forget {
         account: String,
@@ -315,6 +323,27 @@ impl Store {
     pub async fn update(&self, update: Update) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx.send(Op::Update(Box::new(update), done)).await.map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues a background delivery of an already recorded push (a forward whose answer
+    /// came too late to matter, or never: the owner's service still gets the push).
+    pub async fn enqueue(
+        &self,
+        account: &str,
+        dedup_key: &str,
+        follower: &str,
+        entry: OutboxEntry,
+    ) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        let op = Op::Enqueue {
+            account: account.into(),
+            dedup_key: dedup_key.into(),
+            follower: follower.into(),
+            entry,
+            done,
+        };
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -463,7 +492,10 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
                     };
                     let _ = done.send(answer);
                 }
-                Op::Probe(done) | Op::Update(_, done) | Op::Attempted { done, .. } => {
+                Op::Probe(done)
+                | Op::Update(_, done)
+                | Op::Attempted { done, .. }
+                | Op::Enqueue { done, .. } => {
                     let _ = done.send(outcome.clone());
                 }
                 Op::Redrive { done, .. } | Op::Purge { done, .. } | Op::Forget { done, .. } => {
@@ -499,6 +531,12 @@ fn note_outcome(shared: &Shared, outcome: &Result<(), StoreError>, batch: usize,
         }
         _ => {}
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// What one op produced inside a committed batch.
@@ -644,6 +682,15 @@ fn commit(
                     )
                     .map_err(werr)?;
                     results.push(Some(OpResult::Count(n)));
+                }
+                Op::Enqueue { account, dedup_key, follower, entry, .. } => {
+                    tx.prepare_cached(
+                        "INSERT INTO outbox (account, dedup_key, follower, url, payload, next_at, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT DO NOTHING",
+                    )
+                    .and_then(|mut q| q.execute(params![account, dedup_key, follower, entry.url, entry.payload, now_ms()]))
+                    .map_err(werr)?;
+                    results.push(None);
                 }
                 Op::Forget { account, openid, .. } => {
                     // The revoke event itself stays, as the record of the request.

@@ -175,7 +175,10 @@ async fn a_late_forward_is_answered_success_then_sent_once_as_a_customer_service
     assert_eq!(sends[1].body["touser"], USER);
     assert_eq!(sends[1].body["text"]["content"], "hook: slow question");
     assert_ne!(sends[0].query, sends[1].query, "the retry used another token");
-    eventually("the record says so", || server.records()[0]["late_result"] == "sent as a customer-service message").await;
+    eventually("the record says so", || {
+        server.records()[0]["late_result"] == "sent as a customer-service message"
+    })
+    .await;
     assert_eq!(server.records()[0]["status"], "late");
     assert_eq!(hook.calls().len(), 1);
 }
@@ -353,4 +356,26 @@ async fn the_outbox_survives_a_restart() {
     let push = compose::text(GH, USER, 1_733_317_001, "after", 7);
     let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
     assert_eq!(report.seen.text(), Some("hook: after"));
+}
+
+#[tokio::test]
+async fn a_forward_failing_after_success_was_answered_still_reaches_the_service() {
+    // Slow and then failing: WeChat got `success` at the budget, so no retry will come.
+    let hook = Hook::start(Duration::from_millis(500), 1).await;
+    let server = Server::start(&config(&hook, 150, "late_reply = \"drop\""));
+    let push = compose::text(GH, USER, 1_733_318_000, "do not lose me", 8);
+    let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Safe, Rules::default()).await;
+    assert_eq!(report.seen, Seen::Nothing);
+
+    let data = server.dir.path().join("data");
+    eventually("handed on through the outbox", || {
+        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+    })
+    .await;
+    let calls = hook.calls();
+    assert_eq!(calls.len(), 2, "the failed forward, then the outbox's delivery");
+    assert_eq!(calls[0]["dedup_key"], calls[1]["dedup_key"]);
+    let record = &server.records()[0];
+    assert_eq!(record["status"], "late");
+    assert!(record["late_result"].as_str().unwrap().contains("queued for background delivery"));
 }
