@@ -287,7 +287,9 @@ impl Store {
     /// blocking context.
     pub fn close(self, timeout: Duration) -> bool {
         let shared = self.shared.clone();
-        let _ = self.tx.try_send(Op::Close).or_else(|_| self.tx.blocking_send(Op::Close));
+        if self.tx.try_send(Op::Close).is_err() {
+            let _ = self.tx.blocking_send(Op::Close);
+        }
         drop(self);
         let Some(handle) = shared.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return true;
