@@ -269,6 +269,12 @@ impl AccountState {
                     };
                     tokio::spawn(job.run(guard));
                     return match wait_answer(rx, deadline).await {
+                        // `success` at the budget means the reply will come another way.
+                        Waited::Answer(answer)
+                            if answer.reply.is_none() && Instant::now() >= deadline =>
+                        {
+                            Ok((Outcome::Late, answer))
+                        }
                         Waited::Answer(answer) => Ok((Outcome::Handled, answer)),
                         Waited::Released => Err(Rejection::ForwardFailed),
                         Waited::TimedOut => self.still_waiting(&full, 0),
