@@ -11,6 +11,10 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+/// The largest answer read from a service or the WeChat API; a larger one is an error,
+/// read no further (a reply is a few KB; WeChat's API answers are smaller still).
+pub const MAX_ANSWER: usize = 1 << 20;
+
 /// A pooled HTTP/1.1 client; cheap to clone.
 #[derive(Clone)]
 pub struct Client {

@@ -75,10 +75,11 @@ impl AccountState {
         {
             // The follower withdrew their data: delete what we hold of them.
             if event.eq_ignore_ascii_case("user_authorization_revoke") && !open_id.is_empty() {
-                let (store, account, openid) =
-                    (self.store.clone(), self.account.name.clone(), open_id.clone());
+                let (store, account, openid, key) =
+                    (self.store.clone(), self.account.name.clone(), open_id.clone(), key.clone());
                 tokio::spawn(async move {
-                    match store.forget(&account, &openid).await {
+                    // The revoke's own outbox entry stays: the owner's service must hear of it.
+                    match store.forget(&account, &openid, Some(&key)).await {
                         Ok(n) => {
                             info!(account = %account, records = n, "follower's records deleted on authorization revoke")
                         }
@@ -102,11 +103,15 @@ impl AccountState {
     ) -> Result<(Outcome, Answer, &'static str), Rejection> {
         debug!(account = %self.account.name, error = %e, "push kept as dead letter");
         let key = format!("dead:{}", hex::encode(sha1_digest(doc.as_bytes())));
-        let fields = xml::parse(doc).map(|root| fields::object(&root)).unwrap_or_default();
+        let root = xml::parse(doc).ok();
+        let fields = root.as_ref().map(fields::object).unwrap_or_default();
+        // Kept with its sender where one can be read, so that `forget` finds it too.
+        let from_user = root.as_ref().and_then(|r| r.text_of("FromUserName")).map(str::to_owned);
         let make = || NewRecord {
             account: self.account.name.clone(),
             dedup_key: key.clone(),
             kind: "dead_letter".into(),
+            from_user,
             encrypted,
             xml: doc.to_owned(),
             fields: serde_json::Value::Object(fields).to_string(),
@@ -191,7 +196,7 @@ impl AccountState {
                     }
                     // The first delivery failed and released the key: try ourselves.
                     Waited::Released => continue,
-                    Waited::TimedOut => return Err(Rejection::StillInFlight),
+                    Waited::TimedOut(_) => return Err(Rejection::StillInFlight),
                 },
                 Claim::New(guard) => {
                     let Some(make) = make.take() else { return Err(Rejection::StillInFlight) };
@@ -233,7 +238,7 @@ impl AccountState {
                     match wait_answer(rx, deadline).await {
                         Waited::Answer(answer) => return Ok((Outcome::RetryJoined, answer)),
                         Waited::Released => continue,
-                        Waited::TimedOut => return self.still_waiting(&full, joins),
+                        Waited::TimedOut(rx) => return self.still_waiting(&full, joins, &rx),
                     }
                 }
                 Claim::New(guard) => {
@@ -277,7 +282,7 @@ impl AccountState {
                         }
                         Waited::Answer(answer) => Ok((Outcome::Handled, answer)),
                         Waited::Released => Err(Rejection::ForwardFailed),
-                        Waited::TimedOut => self.still_waiting(&full, 0),
+                        Waited::TimedOut(rx) => self.still_waiting(&full, 0, &rx),
                     };
                 }
             }
@@ -287,14 +292,27 @@ impl AccountState {
     /// A delivery whose answer is not ready at its budget. Holding for a retry: refuse it
     /// (503) so that WeChat delivers again — unless it is WeChat's last delivery, which
     /// gets `success` (and the reply, when it comes, is treated as late).
-    fn still_waiting(&self, full_key: &str, joins: u32) -> Result<(Outcome, Answer), Rejection> {
-        if self.account.late_reply == LateReply::HoldForRetry {
-            if joins + 1 < self.account.wechat_attempts {
-                return Err(Rejection::StillInFlight);
-            }
-            // The forward job still holds the push; tell it the follower got nothing.
-            self.gave_up.lock().unwrap_or_else(|p| p.into_inner()).insert(full_key.to_owned());
+    ///
+    /// Deciding that the follower gets nothing is done under the `gave_up` lock, which
+    /// the forward job also takes before it publishes a reply: a reply that lands at the
+    /// very deadline is either given to this delivery or sent the late way, never lost.
+    fn still_waiting(
+        &self,
+        full_key: &str,
+        joins: u32,
+        rx: &tokio::sync::watch::Receiver<Option<Answer>>,
+    ) -> Result<(Outcome, Answer), Rejection> {
+        let mut gave_up = self.gave_up.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(answer) = rx.borrow().clone() {
+            let outcome = if answer.reply.is_none() { Outcome::Late } else { Outcome::RetryJoined };
+            return Ok((outcome, answer));
         }
+        let hold = self.account.late_reply == LateReply::HoldForRetry;
+        if hold && joins + 1 < self.account.wechat_attempts {
+            return Err(Rejection::StillInFlight);
+        }
+        // The forward job still holds the push; tell it the follower got nothing.
+        gave_up.insert(full_key.to_owned());
         Ok((Outcome::Late, Answer { reply: None }))
     }
 }
@@ -303,17 +321,21 @@ impl AccountState {
 enum Waited {
     Answer(Answer),
     Released,
-    TimedOut,
+    /// Not answered by the deadline; the receiver, to look once more under the lock.
+    TimedOut(tokio::sync::watch::Receiver<Option<Answer>>),
 }
 
 async fn wait_answer(
     mut rx: tokio::sync::watch::Receiver<Option<Answer>>,
     deadline: Instant,
 ) -> Waited {
-    match tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await {
-        Ok(Ok(answer)) => Waited::Answer(answer.clone().unwrap_or(Answer { reply: None })),
+    let waited = tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some))
+        .await
+        .map(|r| r.map(|answer| answer.clone().unwrap_or(Answer { reply: None })));
+    match waited {
+        Ok(Ok(answer)) => Waited::Answer(answer),
         Ok(Err(_)) => Waited::Released,
-        Err(_) => Waited::TimedOut,
+        Err(_) => Waited::TimedOut(rx),
     }
 }
 
@@ -345,6 +367,7 @@ impl ForwardJob {
             Err(_) => {
                 if s.account.late_reply != LateReply::HoldForRetry {
                     // WeChat gets `success` now; the reply, if any, goes another way.
+                    let _decided = s.gave_up.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(g) = guard.take() {
                         g.finish(Answer { reply: None });
                     }
@@ -362,24 +385,34 @@ impl ForwardJob {
         };
 
         let full = s.full_key(&self.key);
-        let gave_up = s.gave_up.lock().unwrap_or_else(|p| p.into_inner()).remove(&full);
         match result {
             Ok(reply) => {
                 let xml = reply.to_xml(&self.from, &self.to, unix_now(), self.max_articles);
-                if let Some(g) = guard.take().filter(|_| !gave_up) {
-                    // In time (or in time for a held retry): the passive reply.
-                    let update = self.update(xml.clone(), Status::Answered, None);
+                // Publish the reply only if no delivery gave up on it meanwhile; both
+                // decisions are taken under the same lock.
+                let published = {
+                    let mut gave_up = s.gave_up.lock().unwrap_or_else(|p| p.into_inner());
+                    match guard.take() {
+                        Some(g) if !gave_up.remove(&full) => {
+                            g.finish(Answer { reply: xml.clone().map(Arc::from) });
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if published {
+                    // The passive reply; recorded right after it is handed over.
+                    let update = self.update(xml, Status::Answered, None);
                     if let Err(e) = s.store.update(update).await {
                         warn!(account = %s.account.name, error = %e, "forward reply not recorded");
-                        return; // dropping the guard releases the push to WeChat's retry
                     }
-                    g.finish(Answer { reply: xml.map(Arc::from) });
                 } else {
                     self.late(reply, xml).await;
                 }
             }
             Err(e) => {
                 warn!(account = %s.account.name, url = %self.url, error = %e, "forward failed");
+                let gave_up = s.gave_up.lock().unwrap_or_else(|p| p.into_inner()).remove(&full);
                 if guard.is_some() && !gave_up {
                     // WeChat has no answer yet: with the guard dropped here, its next
                     // delivery of this push forwards again.

@@ -135,7 +135,7 @@ pub fn forget(config: &Config, account: &str, openid: &str) -> anyhow::Result<us
     );
     let store = Store::open(&config.data_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let n = rt.block_on(store.forget(account, openid))?;
+    let n = rt.block_on(store.forget(account, openid, None))?;
     store.close(Duration::from_secs(10));
     Ok(n)
 }

@@ -190,6 +190,7 @@ enum Op {
     Forget {
         account: String,
         openid: String,
+        keep: Option<String>,
         done: oneshot::Sender<Result<usize, StoreError>>,
     },
 }
@@ -372,11 +373,23 @@ impl Store {
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Deletes every record and outbox entry of one follower of an account.
-    pub async fn forget(&self, account: &str, openid: &str) -> Result<usize, StoreError> {
+    /// Deletes every record and outbox entry of one follower of an account, except the
+    /// outbox entry of the push `keep` (the revoke itself, which the owner's service
+    /// needs to hear about).
+    pub async fn forget(
+        &self,
+        account: &str,
+        openid: &str,
+        keep: Option<&str>,
+    ) -> Result<usize, StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Op::Forget { account: account.to_owned(), openid: openid.to_owned(), done })
+            .send(Op::Forget {
+                account: account.to_owned(),
+                openid: openid.to_owned(),
+                keep: keep.map(str::to_owned),
+                done,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
@@ -424,7 +437,9 @@ impl Store {
         let mut stmt = conn
             // Only final answers: a push whose forward was cut short must be forwarded again.
             .prepare(
-                "SELECT account, dedup_key, reply FROM pushes
+                // A late reply went as a customer-service message: WeChat's passive
+                // answer to that push was `success`, and so is a retry's.
+                "SELECT account, dedup_key, CASE WHEN status = 'late' THEN NULL ELSE reply END FROM pushes
                  WHERE received_at >= ?1 AND status IN ('answered', 'late') ORDER BY id DESC LIMIT ?2",
             )
             .map_err(read_err)?;
@@ -694,7 +709,7 @@ fn commit(
                     .map_err(werr)?;
                     results.push(None);
                 }
-                Op::Forget { account, openid, .. } => {
+                Op::Forget { account, openid, keep, .. } => {
                     // The revoke event itself stays, as the record of the request.
                     let n = tx
                         .execute(
@@ -703,8 +718,8 @@ fn commit(
                         )
                         .map_err(werr)?;
                     tx.execute(
-                        "DELETE FROM outbox WHERE account = ?1 AND follower = ?2",
-                        params![account, openid],
+                        "DELETE FROM outbox WHERE account = ?1 AND follower = ?2 AND dedup_key IS NOT ?3",
+                        params![account, openid, keep],
                     )
                     .map_err(werr)?;
                     results.push(Some(OpResult::Count(n)));
