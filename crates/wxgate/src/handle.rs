@@ -238,7 +238,7 @@ impl AccountState {
                     match wait_answer(rx, deadline).await {
                         Waited::Answer(answer) => return Ok((Outcome::RetryJoined, answer)),
                         Waited::Released => continue,
-                        Waited::TimedOut(rx) => return self.still_waiting(&full, joins, &rx),
+                        Waited::TimedOut(rx) => return self.still_waiting(&full, joins, rx).await,
                     }
                 }
                 Claim::New(guard) => {
@@ -282,7 +282,7 @@ impl AccountState {
                         }
                         Waited::Answer(answer) => Ok((Outcome::Handled, answer)),
                         Waited::Released => Err(Rejection::ForwardFailed),
-                        Waited::TimedOut(rx) => self.still_waiting(&full, 0, &rx),
+                        Waited::TimedOut(rx) => self.still_waiting(&full, 0, rx).await,
                     };
                 }
             }
@@ -296,25 +296,45 @@ impl AccountState {
     /// Deciding that the follower gets nothing is done under the `gave_up` lock, which
     /// the forward job also takes before it publishes a reply: a reply that lands at the
     /// very deadline is either given to this delivery or sent the late way, never lost.
-    fn still_waiting(
+    async fn still_waiting(
         &self,
         full_key: &str,
         joins: u32,
-        rx: &tokio::sync::watch::Receiver<Option<Answer>>,
+        rx: tokio::sync::watch::Receiver<Option<Answer>>,
     ) -> Result<(Outcome, Answer), Rejection> {
-        let mut gave_up = self.gave_up.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(answer) = rx.borrow().clone() {
-            let outcome = if answer.reply.is_none() { Outcome::Late } else { Outcome::RetryJoined };
-            return Ok((outcome, answer));
+        {
+            let mut fates = self.fates.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(answer) = rx.borrow().clone() {
+                let outcome =
+                    if answer.reply.is_none() { Outcome::Late } else { Outcome::RetryJoined };
+                return Ok((outcome, answer));
+            }
+            if fates.get(full_key) != Some(&Fate::Publishing) {
+                let hold = self.account.late_reply == LateReply::HoldForRetry;
+                if hold && joins + 1 < self.account.wechat_attempts {
+                    return Err(Rejection::StillInFlight);
+                }
+                // The forward job still holds the push; tell it the follower got nothing.
+                fates.insert(full_key.to_owned(), Fate::GaveUp);
+                return Ok((Outcome::Late, Answer { reply: None }));
+            }
         }
-        let hold = self.account.late_reply == LateReply::HoldForRetry;
-        if hold && joins + 1 < self.account.wechat_attempts {
-            return Err(Rejection::StillInFlight);
+        // The reply came in time and is being recorded: it is this delivery's.
+        match wait_answer(rx, Instant::now() + Duration::from_secs(2)).await {
+            Waited::Answer(answer) => Ok((Outcome::RetryJoined, answer)),
+            Waited::Released | Waited::TimedOut(_) => Err(Rejection::StillInFlight),
         }
-        // The forward job still holds the push; tell it the follower got nothing.
-        gave_up.insert(full_key.to_owned());
-        Ok((Outcome::Late, Answer { reply: None }))
     }
+}
+
+/// What became of a forward whose reply raced its deadline; decided under one lock by
+/// the forward job and the deliveries waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// A delivery answered `success`: the reply, when it comes, goes the late way.
+    GaveUp,
+    /// The reply came in time and is being recorded before it is handed over.
+    Publishing,
 }
 
 /// What waiting for a delivery in flight gave.
@@ -367,7 +387,7 @@ impl ForwardJob {
             Err(_) => {
                 if s.account.late_reply != LateReply::HoldForRetry {
                     // WeChat gets `success` now; the reply, if any, goes another way.
-                    let _decided = s.gave_up.lock().unwrap_or_else(|p| p.into_inner());
+                    let _decided = s.fates.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(g) = guard.take() {
                         g.finish(Answer { reply: None });
                     }
@@ -389,30 +409,38 @@ impl ForwardJob {
             Ok(reply) => {
                 let xml = reply.to_xml(&self.from, &self.to, unix_now(), self.max_articles);
                 // Publish the reply only if no delivery gave up on it meanwhile; both
-                // decisions are taken under the same lock.
-                let published = {
-                    let mut gave_up = s.gave_up.lock().unwrap_or_else(|p| p.into_inner());
-                    match guard.take() {
-                        Some(g) if !gave_up.remove(&full) => {
-                            g.finish(Answer { reply: xml.clone().map(Arc::from) });
-                            true
-                        }
-                        _ => false,
+                // decisions are taken under the same lock. It is recorded before it is
+                // handed over, like every reply.
+                let publish = guard.is_some() && {
+                    let mut fates = s.fates.lock().unwrap_or_else(|p| p.into_inner());
+                    if fates.get(&full) == Some(&Fate::GaveUp) {
+                        fates.remove(&full);
+                        false
+                    } else {
+                        fates.insert(full.clone(), Fate::Publishing);
+                        true
                     }
                 };
-                if published {
-                    // The passive reply; recorded right after it is handed over.
-                    let update = self.update(xml, Status::Answered, None);
+                if publish {
+                    let update = self.update(xml.clone(), Status::Answered, None);
                     if let Err(e) = s.store.update(update).await {
                         warn!(account = %s.account.name, error = %e, "forward reply not recorded");
                     }
+                    // Handed over under the lock, so no delivery gives up in between.
+                    let mut fates = s.fates.lock().unwrap_or_else(|p| p.into_inner());
+                    fates.remove(&full);
+                    if let Some(g) = guard.take() {
+                        g.finish(Answer { reply: xml.map(Arc::from) });
+                    }
+                    drop(fates);
                 } else {
                     self.late(reply, xml).await;
                 }
             }
             Err(e) => {
                 warn!(account = %s.account.name, url = %self.url, error = %e, "forward failed");
-                let gave_up = s.gave_up.lock().unwrap_or_else(|p| p.into_inner()).remove(&full);
+                let gave_up = s.fates.lock().unwrap_or_else(|p| p.into_inner()).remove(&full)
+                    == Some(Fate::GaveUp);
                 if guard.is_some() && !gave_up {
                     // WeChat has no answer yet: with the guard dropped here, its next
                     // delivery of this push forwards again.
@@ -421,7 +449,10 @@ impl ForwardJob {
                 }
                 // WeChat was answered `success`, so no retry will come: the owner's
                 // service still gets the push, through the outbox.
-                let entry = OutboxEntry { url: self.url.clone(), payload: self.payload.clone() };
+                let entry = OutboxEntry {
+                    url: self.url.clone(),
+                    payload: background_payload(&self.payload),
+                };
                 let queued = s.store.enqueue(&s.account.name, &self.key, &self.from, entry).await;
                 let result = match queued {
                     Ok(()) => format!("forward failed ({e}); queued for background delivery"),
@@ -463,6 +494,17 @@ impl ForwardJob {
             status,
             late_result,
         }
+    }
+}
+
+/// The payload of a forward sent again in the background: no reply deadline any more.
+fn background_payload(payload: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(mut v) => {
+            v["reply_deadline_unix_ms"] = serde_json::Value::Null;
+            v.to_string()
+        }
+        Err(_) => payload.to_owned(),
     }
 }
 

@@ -7,7 +7,7 @@
 //! request's mode. Every refusal is a [`Rejection`], mapped to its HTTP status in one
 //! place.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,8 +49,8 @@ pub struct AccountState {
     pub client: Client,
     /// The WeChat API, when the account has an `app_secret`.
     pub api: Option<Arc<WechatApi>>,
-    /// Held pushes whose last delivery was answered `success` before the reply came.
-    pub gave_up: Mutex<HashSet<String>>,
+    /// Forwards whose reply raced its deadline (see [`crate::handle`]).
+    pub(crate) fates: Mutex<HashMap<String, crate::handle::Fate>>,
 }
 
 /// Why a request was refused.

@@ -111,20 +111,55 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
                     secret,
                 ))
             }),
-            gave_up: Default::default(),
+            fates: Default::default(),
         });
         let routes = Router::new()
             .route(&account.path, get(http::verify_url).post(http::receive))
             .with_state(state);
         router = router.merge(routes);
     }
+    let interrupted = store::interrupted_forwards(&config.data_dir)?;
     if tokio::runtime::Handle::try_current().is_ok() {
+        if !interrupted.is_empty() {
+            tokio::spawn(requeue_interrupted(config.clone(), store.clone(), interrupted));
+        }
         outbox::spawn(config, store.clone(), client);
         if config.retention.enabled() {
             tokio::spawn(purge_old_records(store.clone(), config.retention.clone()));
         }
     }
     Ok(App { router, store, metrics, dedup })
+}
+
+/// Forwards that were in flight when the server stopped: WeChat may already have been
+/// answered `success` (a late reply), so no retry may come. The owner's service gets
+/// each push through the outbox, and the record says so.
+async fn requeue_interrupted(config: Config, store: Store, pushes: Vec<(String, String, String)>) {
+    for (account_name, key, xml) in pushes {
+        let (Some(account), Ok(push)) =
+            (config.account(&account_name), wxgate_protocol::Push::parse(&xml))
+        else {
+            continue;
+        };
+        let rules::Action::Forward { url, .. } = rules::answer(&account.rules, &push) else {
+            continue;
+        };
+        let payload = forward::payload(&account_name, &key, &push, &xml, None);
+        let entry = store::OutboxEntry { url, payload };
+        let result = match store.enqueue(&account_name, &key, &push.from, entry).await {
+            Ok(()) => "forward interrupted by a restart; queued for background delivery".to_owned(),
+            Err(e) => format!("forward interrupted by a restart; not queued: {e}"),
+        };
+        tracing::warn!(account = %account_name, result = %result, "interrupted forward");
+        let update = store::Update {
+            account: account_name,
+            dedup_key: key,
+            reply: None,
+            status: store::Status::Late,
+            late_result: Some(result),
+        };
+        let _ = store.update(update).await;
+    }
 }
 
 /// Deletes every record of one follower (`wxgate forget`); answers how many.

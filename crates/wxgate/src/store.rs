@@ -781,6 +781,23 @@ pub struct OutboxRow {
     pub next_at_ms: i64,
 }
 
+/// Pushes whose forward was in flight when the server stopped: (account, dedup key,
+/// decrypted XML).
+pub fn interrupted_forwards(dir: &Path) -> Result<Vec<(String, String, String)>, StoreError> {
+    let path = dir.join("wxgate.db");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = open_read(&path)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT account, dedup_key, xml FROM pushes WHERE status = 'forwarding' ORDER BY id",
+        )
+        .map_err(read_err)?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(read_err)?;
+    rows.collect::<Result<_, _>>().map_err(read_err)
+}
+
 /// Outbox entries, oldest first, optionally in one state.
 pub fn outbox_list(dir: &Path, state: Option<&str>) -> Result<Vec<OutboxRow>, StoreError> {
     let path = dir.join("wxgate.db");

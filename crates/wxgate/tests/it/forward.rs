@@ -379,3 +379,27 @@ async fn a_forward_failing_after_success_was_answered_still_reaches_the_service(
     assert_eq!(record["status"], "late");
     assert!(record["late_result"].as_str().unwrap().contains("queued for background delivery"));
 }
+
+#[tokio::test]
+async fn a_forward_cut_short_by_a_crash_after_success_still_reaches_the_service() {
+    let hook = Hook::start(Duration::from_millis(1500), 0).await;
+    let server = Server::start(&config(&hook, 150, "late_reply = \"drop\""));
+    let push = compose::text(GH, USER, 1_733_319_000, "survive the crash", 9);
+    let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Safe, Rules::default()).await;
+    assert_eq!(report.seen, Seen::Nothing, "WeChat was answered success; no retry will come");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (dir, cfg) = server.kill();
+
+    let server = tokio::task::spawn_blocking(move || Server::start_at(dir, cfg)).await.unwrap();
+    let data = server.dir.path().join("data");
+    eventually("delivered through the outbox after the restart", || {
+        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+    })
+    .await;
+    let background = hook.calls().last().unwrap().clone();
+    assert_eq!(background["fields"]["Content"], "survive the crash");
+    assert!(background["reply_deadline_unix_ms"].is_null());
+    let record = &server.records()[0];
+    assert_eq!(record["status"], "late");
+    assert!(record["late_result"].as_str().unwrap().contains("interrupted by a restart"));
+}
