@@ -93,6 +93,13 @@ impl Network {
                 .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
             None => max,
         };
+        // An IPv4-mapped IPv6 network (::ffff:a.b.c.d/n) is the IPv4 network it maps.
+        if let std::net::IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Ok(Network { addr: v4.into(), prefix: prefix - 96 });
+        }
         Ok(Network { addr, prefix })
     }
 
@@ -617,6 +624,7 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
         assert!(!Network::parse("::1").unwrap().contains("127.0.0.1".parse().unwrap()));
         assert!(Network::parse("fe80::/10").unwrap().contains("fe80::1".parse().unwrap()));
         assert!(Network::parse("10.0.0.0/33").is_err());
+        assert!(Network::parse("::ffff:127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
         assert_eq!(
             err(&format!("allow_from = [\"nope\"]\n{BASE}")),
             "allow_from[0]: \"nope\" is not an IP address or network"

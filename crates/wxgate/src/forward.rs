@@ -31,7 +31,8 @@ use crate::{fields, rules};
 pub enum ForwardError {
     #[error("{0}")]
     Transport(String),
-    #[error("the service answered HTTP {status}: {body}")]
+    /// The body is kept for debugging only: a service may echo the push in it.
+    #[error("the service answered HTTP {status}")]
     Status { status: u16, body: String },
     #[error("the service's answer is not a reply: {0}")]
     Answer(String),

@@ -439,6 +439,9 @@ impl ForwardJob {
             }
             Err(e) => {
                 warn!(account = %s.account.name, url = %self.url, error = %e, "forward failed");
+                if let ForwardError::Status { body, .. } = &e {
+                    debug!(account = %s.account.name, body = %body, "the service's error answer");
+                }
                 let gave_up = s.fates.lock().unwrap_or_else(|p| p.into_inner()).remove(&full)
                     == Some(Fate::GaveUp);
                 if guard.is_some() && !gave_up {

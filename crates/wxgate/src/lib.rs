@@ -54,8 +54,15 @@ impl App {
         Router::new().route(
             "/metrics",
             get(move || {
-                let body = metrics.render(&store, dedup.len());
-                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+                let (metrics, store, dedup) = (metrics.clone(), store.clone(), dedup.clone());
+                async move {
+                    // Rendering reads the store: off the async threads.
+                    let body =
+                        tokio::task::spawn_blocking(move || metrics.render(&store, dedup.len()))
+                            .await
+                            .unwrap_or_default();
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+                }
             }),
         )
     }

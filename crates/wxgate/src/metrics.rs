@@ -74,6 +74,9 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self, store: &Store, dedup_entries: usize) -> String {
+        // Read the store before taking the lock that every push needs.
+        let (pending, dead, oldest_ms) =
+            crate::store::outbox_depth(store.dir(), crate::http::unix_ms()).unwrap_or_default();
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         let _ = writeln!(
@@ -114,8 +117,6 @@ impl Metrics {
             let _ =
                 writeln!(out, "wxgate_reply_seconds_count{{account=\"{account}\"}} {}", h.count);
         }
-        let (pending, dead, oldest_ms) =
-            crate::store::outbox_depth(store.dir(), crate::http::unix_ms()).unwrap_or_default();
         let s = store.stats();
         let mean = if s.commits == 0 {
             0.0

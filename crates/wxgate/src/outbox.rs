@@ -8,11 +8,10 @@
 //! (`wxgate outbox`). The service may see a push more than once (after a crash between
 //! its answer and our commit) and recognises it by `X-Wxgate-Dedup-Key`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::client::Client;
@@ -45,7 +44,10 @@ struct Worker {
 }
 
 impl Worker {
+    /// Polls for due entries and starts each in a task of its own, so that a slow or
+    /// hanging endpoint holds up only its own follower's queue.
     async fn run(self) {
+        let in_flight: Arc<std::sync::Mutex<HashSet<i64>>> = Arc::default();
         loop {
             let store = self.store.clone();
             let due = tokio::task::spawn_blocking(move || store.due(unix_ms(), BATCH)).await;
@@ -57,17 +59,29 @@ impl Worker {
                 }
                 Err(_) => Vec::new(),
             };
-            if due.is_empty() {
-                tokio::time::sleep(self.cfg.poll).await;
-                continue;
-            }
-            let mut tasks = JoinSet::new();
             for entry in due {
-                let (client, secrets, store, cfg) =
-                    (self.client.clone(), self.secrets.clone(), self.store.clone(), self.cfg);
-                tasks.spawn(async move { deliver(&client, &secrets, &store, cfg, entry).await });
+                // The oldest pending entry of a follower stays due while it is being
+                // delivered; one delivery per follower at a time keeps their order.
+                {
+                    let mut busy = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    if busy.len() >= BATCH || !busy.insert(entry.id) {
+                        continue;
+                    }
+                }
+                let (client, secrets, store, cfg, busy) = (
+                    self.client.clone(),
+                    self.secrets.clone(),
+                    self.store.clone(),
+                    self.cfg,
+                    in_flight.clone(),
+                );
+                tokio::spawn(async move {
+                    let id = entry.id;
+                    deliver(&client, &secrets, &store, cfg, entry).await;
+                    busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                });
             }
-            while tasks.join_next().await.is_some() {}
+            tokio::time::sleep(self.cfg.poll).await;
         }
     }
 }

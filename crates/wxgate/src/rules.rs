@@ -301,12 +301,7 @@ impl ReplyTemplate {
                 ForwardFile::Url(url) => (url, false),
                 ForwardFile::Table { url, background } => (url, background),
             };
-            if !url.starts_with("http://") && !url.starts_with("https://") {
-                return Err(err(
-                    format!("{at}.forward"),
-                    format!("must be an http:// or https:// URL, got {url:?}"),
-                ));
-            }
+            check_forward_url(&url).map_err(|e| err(format!("{at}.forward"), e))?;
             ReplyTemplate::Forward { url, background }
         } else if let Some(text) = r.text {
             ReplyTemplate::Text(t("text", &text)?)
@@ -354,6 +349,31 @@ impl ReplyTemplate {
             return Err(err(format!("{at}.none"), "only `none = true` means anything"));
         })
     }
+}
+
+/// A forward target must be a plain http(s) URL with a host, a valid port and no
+/// credentials (they would end up in logs; sign requests with `forward_secret`).
+fn check_forward_url(url: &str) -> Result<(), String> {
+    let uri: axum::http::Uri = url.parse().map_err(|e| format!("not a URL ({e}): {url:?}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("must be an http:// or https:// URL, got {url:?}"));
+    }
+    let authority = uri.authority().ok_or_else(|| format!("has no host: {url:?}"))?;
+    if authority.as_str().contains('@') {
+        return Err(
+            "must not carry credentials (user:password@); forwards are signed with forward_secret"
+                .into(),
+        );
+    }
+    let port_ok = match authority.as_str().rsplit_once(':') {
+        // An IPv6 host's own colons sit inside brackets.
+        Some((_, port)) if !port.ends_with(']') => port.parse::<u16>().is_ok_and(|p| p != 0),
+        _ => true,
+    };
+    if authority.host().is_empty() || !port_ok {
+        return Err(format!("has no valid host and port: {url:?}"));
+    }
+    Ok(())
 }
 
 fn err(path: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
@@ -545,6 +565,12 @@ reply = { text = "{content} {{ok}}" }
         assert!(literal_reply(b"{\"text\": 1}").is_err());
         assert!(literal_reply(b"{\"forward\": \"http://a\"}").is_err());
         assert!(literal_reply(b"not json").is_err());
+        for bad in
+            ["ftp://x/y", "http://127.0.0.1:99999/x", "http://user:pw@host/x", "http:///x", "hook"]
+        {
+            assert!(check_forward_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_forward_url("https://hooks.example.com:8443/wx?k=1").is_ok());
     }
 
     #[test]

@@ -36,6 +36,13 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
         );
     }
 
+    let (pending, dead, oldest_ms) = store::outbox_depth(&config.data_dir, crate::http::unix_ms())?;
+    let _ = writeln!(
+        out,
+        "outbox: {pending} pending (oldest {:.1} s), {dead} dead (see `wxgate outbox list --state dead`)",
+        oldest_ms as f64 / 1000.0
+    );
+
     let Some(addr) = config.metrics_listen else {
         let _ = writeln!(
             out,
@@ -98,7 +105,10 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
                     q(0.99)
                 );
             }
-            n if n.starts_with("wxgate_store_") || n == "wxgate_dedup_memory_entries" => {
+            n if n.starts_with("wxgate_store_")
+                || n.starts_with("wxgate_outbox_")
+                || n == "wxgate_dedup_memory_entries" =>
+            {
                 let _ = writeln!(out, "  {:<40} {value}", n.trim_start_matches("wxgate_"));
             }
             _ => {}

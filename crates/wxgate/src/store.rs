@@ -837,10 +837,12 @@ pub fn outbox_depth(dir: &Path, now_ms: i64) -> Result<(i64, i64, i64), StoreErr
         return Ok((0, 0, 0));
     }
     let conn = open_read(&path)?;
+    // Each part reads only the index range of its state: delivered entries, the bulk
+    // of the table, are never scanned.
     conn.query_row(
-        "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'dead'), 0),
-                COALESCE(?1 - MIN(CASE WHEN state = 'pending' THEN created_at END), 0)
-         FROM outbox",
+        "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
+                (SELECT COUNT(*) FROM outbox WHERE state = 'dead'),
+                COALESCE(?1 - (SELECT MIN(created_at) FROM outbox WHERE state = 'pending'), 0)",
         params![now_ms],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )

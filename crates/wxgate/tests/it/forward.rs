@@ -403,3 +403,43 @@ async fn a_forward_cut_short_by_a_crash_after_success_still_reaches_the_service(
     assert_eq!(record["status"], "late");
     assert!(record["late_result"].as_str().unwrap().contains("interrupted by a restart"));
 }
+
+#[tokio::test]
+async fn a_hanging_endpoint_holds_up_only_its_own_follower() {
+    let slow = Hook::start(Duration::from_secs(6), 0).await;
+    let fast = Hook::start(Duration::ZERO, 0).await;
+    let cfg = config(&fast, 1000, "").replace(
+        "[[accounts.rules]]\nwhen = { msg_type = \"text\" }",
+        &format!(
+            "[[accounts.rules]]\nwhen = {{ event = \"CLICK\" }}\nreply = {{ forward = {{ url = \"{}\", background = true }} }}\n\
+             [[accounts.rules]]\nwhen = {{ msg_type = \"text\" }}",
+            slow.url
+        ),
+    );
+    let server = Server::start(&cfg);
+    let click = compose::event(
+        GH,
+        "oSlowFollower000000000000001",
+        1_733_319_500,
+        "CLICK",
+        &[("EventKey", "K")],
+    );
+    deliver(&wechat(), &server.url("/wx"), &click, Mode::Plain, Rules::default()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let report = compose::event(
+        GH,
+        USER,
+        1_733_319_501,
+        "LOCATION",
+        &[("Latitude", "1"), ("Longitude", "2"), ("Precision", "3")],
+    );
+    deliver(&wechat(), &server.url("/wx"), &report, Mode::Plain, Rules::default()).await;
+    eventually("the other follower's push arrives", || !fast.calls().is_empty()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "not held up by the hanging endpoint: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.calls().len(), 1);
+}
