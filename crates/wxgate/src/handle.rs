@@ -31,9 +31,12 @@ use crate::forward::{self, ForwardError};
 use crate::http::{AccountState, Outcome, Rejection, unix_ms, unix_now};
 use crate::rules::{self, Action};
 use crate::store::{Inserted, NewRecord, OutboxEntry, Status, Update};
+use crate::wechat_api::ApiError;
 
 /// How long a forward may run at all, after which its reply is given up.
 const FORWARD_LIMIT: Duration = Duration::from_secs(30);
+/// Tries of a customer-service message that failed for a passing reason.
+const LATE_SEND_ATTEMPTS: u32 = 3;
 /// WeChat's wait for one delivery.
 const WECHAT_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -475,11 +478,25 @@ impl ForwardJob {
         }
         let result = match (&s.api, s.account.late_reply) {
             (Some(api), LateReply::CustomerService | LateReply::HoldForRetry) => {
-                match api.send_custom(&self.from, &reply).await {
-                    Ok(()) => "sent as a customer-service message".to_owned(),
-                    Err(e) => {
-                        warn!(account = %s.account.name, error = %e, "late reply not sent");
-                        format!("customer-service message failed: {e}")
+                // Passing failures (no answer, errcode -1 "system busy") are tried again
+                // a few times; quota and other refusals are final.
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match api.send_custom(&self.from, &reply).await {
+                        Ok(()) => break "sent as a customer-service message".to_owned(),
+                        Err(e @ (ApiError::Transport(_) | ApiError::Api { code: -1, .. }))
+                            if attempt < LATE_SEND_ATTEMPTS =>
+                        {
+                            debug!(account = %s.account.name, error = %e, attempt, "late reply not sent yet; trying again");
+                            tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                        }
+                        Err(e) => {
+                            warn!(account = %s.account.name, error = %e, attempt, "late reply not sent");
+                            break format!(
+                                "customer-service message failed after {attempt} attempt(s): {e}"
+                            );
+                        }
                     }
                 }
             }

@@ -443,3 +443,32 @@ async fn a_hanging_endpoint_holds_up_only_its_own_follower() {
     );
     assert_eq!(slow.calls().len(), 1);
 }
+
+#[tokio::test]
+async fn a_late_reply_refused_as_system_busy_is_sent_again() {
+    let hook = Hook::start(Duration::from_millis(300), 0).await;
+    let (api, base) = mock_api().await;
+    api.interaction(USER);
+    api.inject(Fault {
+        path: "/cgi-bin/message/custom/send".into(),
+        errcode: Some(-1),
+        times: 1,
+        ..Fault::default()
+    });
+    let extra = format!(
+        "app_secret = \"simsecret0000000000000000000000\"\napi_base = \"{base}\"\nlate_reply = \"customer_service\""
+    );
+    let server = Server::start(&config(&hook, 100, &extra));
+    let push = compose::text(GH, USER, 1_733_319_700, "busy?", 11);
+    let report = deliver(&wechat(), &server.url("/wx"), &push, Mode::Safe, Rules::default()).await;
+    assert_eq!(report.seen, Seen::Nothing);
+    let sent = || {
+        api.calls()
+            .into_iter()
+            .filter(|c| c.path == "/cgi-bin/message/custom/send")
+            .collect::<Vec<_>>()
+    };
+    eventually("sent after the busy answer", || sent().iter().any(|c| c.response["errcode"] == 0))
+        .await;
+    assert_eq!(sent().len(), 2);
+}
