@@ -735,6 +735,15 @@ fn commit(
     tx.commit().map_err(werr)
 }
 
+/// A read connection to the store in `dir`, or `None` when nothing was recorded yet.
+fn open_existing(dir: &Path) -> Result<Option<Connection>, StoreError> {
+    let path = dir.join("wxgate.db");
+    if !path.exists() {
+        return Ok(None);
+    }
+    open_read(&path).map(Some)
+}
+
 fn open_read(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -784,11 +793,7 @@ pub struct OutboxRow {
 /// Pushes whose forward was in flight when the server stopped: (account, dedup key,
 /// decrypted XML).
 pub fn interrupted_forwards(dir: &Path) -> Result<Vec<(String, String, String)>, StoreError> {
-    let path = dir.join("wxgate.db");
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let conn = open_read(&path)?;
+    let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
     let mut stmt = conn
         .prepare(
             "SELECT account, dedup_key, xml FROM pushes WHERE status = 'forwarding' ORDER BY id",
@@ -800,11 +805,7 @@ pub fn interrupted_forwards(dir: &Path) -> Result<Vec<(String, String, String)>,
 
 /// Outbox entries, oldest first, optionally in one state.
 pub fn outbox_list(dir: &Path, state: Option<&str>) -> Result<Vec<OutboxRow>, StoreError> {
-    let path = dir.join("wxgate.db");
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let conn = open_read(&path)?;
+    let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
     let mut stmt = conn
         .prepare(
             "SELECT id, account, dedup_key, follower, url, attempts, state, last_error, created_at, next_at
@@ -832,11 +833,7 @@ pub fn outbox_list(dir: &Path, state: Option<&str>) -> Result<Vec<OutboxRow>, St
 
 /// Outbox depth: (pending, dead, age in ms of the oldest pending entry).
 pub fn outbox_depth(dir: &Path, now_ms: i64) -> Result<(i64, i64, i64), StoreError> {
-    let path = dir.join("wxgate.db");
-    if !path.exists() {
-        return Ok((0, 0, 0));
-    }
-    let conn = open_read(&path)?;
+    let Some(conn) = open_existing(dir)? else { return Ok((0, 0, 0)) };
     // Each part reads only the index range of its state: delivered entries, the bulk
     // of the table, are never scanned.
     conn.query_row(
@@ -863,11 +860,7 @@ pub struct KindSummary {
 
 /// Recorded pushes per account and kind.
 pub fn summary(dir: &Path) -> Result<Vec<KindSummary>, StoreError> {
-    let path = dir.join("wxgate.db");
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let conn = open_read(&path)?;
+    let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
     let mut stmt = conn
         .prepare(
             "SELECT account, kind, COUNT(*), SUM(dead_letter), SUM(deliveries), MAX(received_at)
@@ -891,11 +884,7 @@ pub fn summary(dir: &Path) -> Result<Vec<KindSummary>, StoreError> {
 
 /// Every recorded push of the store in `dir`, oldest first, optionally of one account.
 pub fn read_all(dir: &Path, account: Option<&str>) -> Result<Vec<Row>, StoreError> {
-    let path = dir.join("wxgate.db");
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let conn = open_read(&path)?;
+    let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
     let mut stmt = conn
         .prepare(
             "SELECT id, account, dedup_key, kind, encrypted, xml, fields, reply, dead_letter, error, received_at, deliveries,

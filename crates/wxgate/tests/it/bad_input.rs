@@ -9,22 +9,15 @@ use std::time::Duration;
 use wxgate::sim::{self, Mode, Seen, compose};
 use wxgate_protocol::EncodingAesKey;
 
-use crate::helpers::{AES_KEY, APP_ID, Body, GH, Server, TOKEN, account_toml, post, request};
+use crate::helpers::{
+    AES_KEY, APP_ID, Body, GH, Server, TOKEN, account_toml, post, request, wechat,
+};
 
 // Every signature below comes from the simulator; tests never sign by hand.
 
 const USER: &str = "oBadInputUser000000000000001";
 const ECHO: &str =
     "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
-
-fn wechat() -> sim::Account {
-    sim::Account {
-        token: TOKEN.into(),
-        app_id: APP_ID.into(),
-        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
-        original_id: GH.into(),
-    }
-}
 
 fn echo_server() -> Server {
     Server::start(&account_toml("/wx", ECHO))

@@ -5,10 +5,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use wxgate::sim::{self, Http, Mode, Seen, compose};
-use wxgate_protocol::EncodingAesKey;
+use wxgate::sim::{Http, Mode, Seen, compose};
 
-use crate::helpers::{APP_ID, GH, Server, TOKEN};
+use crate::helpers::{GH, Server, wechat};
 
 const USER: &str = "oDemoUser0000000000000000001";
 
@@ -18,15 +17,6 @@ fn demo_server() -> Server {
     let path = dir.path().join("wxgate.toml");
     std::fs::write(&path, shipped).unwrap();
     Server::start_at(dir, path)
-}
-
-fn account() -> sim::Account {
-    sim::Account {
-        token: TOKEN.into(),
-        app_id: APP_ID.into(),
-        aes_key: Some(EncodingAesKey::parse(crate::helpers::AES_KEY).unwrap()),
-        original_id: GH.into(),
-    }
 }
 
 /// (push, expected text reply or None for no reply, expected kind)
@@ -100,7 +90,7 @@ fn journey(t: u64) -> Vec<(String, Option<&'static str>, &'static str)> {
 
 async fn run(mode: Mode) {
     let server = demo_server();
-    let wechat = account();
+    let wechat = wechat();
     let http = Http::new(Duration::from_secs(5));
     let url = server.url("/wechat");
     let base = 1_733_400_000 + mode as u64 * 100;
@@ -173,7 +163,7 @@ async fn demo_journey_in_safe_mode() {
 async fn url_verification_echoes_only_when_signed() {
     let server = demo_server();
     let http = Http::new(Duration::from_secs(5));
-    let q = account().verification("4375120948345356249");
+    let q = wechat().verification("4375120948345356249");
     let ok = http.send("GET", &format!("{}?{q}", server.url("/wechat")), None).await.unwrap();
     assert_eq!((ok.status, ok.body.as_str()), (200, "4375120948345356249"));
     let forged = q.replace("signature=", "signature=0");
@@ -185,7 +175,7 @@ async fn url_verification_echoes_only_when_signed() {
 #[tokio::test]
 async fn events_command_prints_wechat_field_names() {
     let server = demo_server();
-    let wechat = account();
+    let wechat = wechat();
     let http = Http::new(Duration::from_secs(5));
     let push = compose::event(
         GH,

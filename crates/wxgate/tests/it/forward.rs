@@ -15,22 +15,12 @@ use axum::routing::post;
 use serde_json::{Value, json};
 use wxgate::sim::api::{Fault, MockApi, Options};
 use wxgate::sim::delivery::{Rules, deliver};
-use wxgate::sim::{self, Http, Mode, Seen, compose};
-use wxgate_protocol::EncodingAesKey;
+use wxgate::sim::{Http, Mode, Seen, compose};
 
-use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN};
+use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, wechat};
 
 const SECRET: &str = "hook-secret-for-tests";
 const USER: &str = "oForwardUser0000000000000001";
-
-fn wechat() -> sim::Account {
-    sim::Account {
-        token: TOKEN.into(),
-        app_id: APP_ID.into(),
-        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
-        original_id: GH.into(),
-    }
-}
 
 /// The owner's service: answers `{"text": "hook: <Content>"}` after `delay`, failing
 /// (HTTP 500) the first `fail_first` calls; records every call.

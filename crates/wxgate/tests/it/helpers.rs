@@ -16,6 +16,16 @@ pub const APP_ID: &str = "wx7c1f0e2a9b3d4e5f";
 pub const AES_KEY: &str = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ";
 pub const GH: &str = "gh_3a9f1c2b7d10";
 
+/// WeChat's side of the shared test account.
+pub fn wechat() -> wxgate::sim::Account {
+    wxgate::sim::Account {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        aes_key: Some(wxgate_protocol::EncodingAesKey::parse(AES_KEY).unwrap()),
+        original_id: GH.into(),
+    }
+}
+
 /// A running `wxgate serve`, killed on drop.
 pub struct Server {
     child: Child,

@@ -6,22 +6,12 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use wxgate::sim::{self, Mode, Seen, compose};
-use wxgate_protocol::EncodingAesKey;
+use wxgate::sim::{Mode, Seen, compose};
 
-use crate::helpers::{AES_KEY, APP_ID, Body, GH, Server, TOKEN, account_toml, post, request};
+use crate::helpers::{APP_ID, Body, GH, Server, account_toml, post, request, wechat};
 
 const RULES: &str = "[[accounts.rules]]\nwhen = { event = \"SCAN\" }\nreply = { text = \"scene {scene} from {from}\" }\n\
                      [[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
-
-fn wechat() -> sim::Account {
-    sim::Account {
-        token: TOKEN.into(),
-        app_id: APP_ID.into(),
-        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
-        original_id: GH.into(),
-    }
-}
 
 fn send(server: &Server, push: &str, mode: Mode) -> Seen {
     let d = wechat().deliver(push, mode);

@@ -7,23 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wxgate::sim::delivery::{Rules, deliver};
-use wxgate::sim::{self, Http, Mode, compose};
-use wxgate_protocol::EncodingAesKey;
+use wxgate::sim::{Http, Mode, compose};
 
-use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, account_toml};
+use crate::helpers::{APP_ID, GH, Server, account_toml, wechat};
 
 const ECHO: &str =
     "[[accounts.rules]]\nwhen = { msg_type = \"text\" }\nreply = { text = \"{content}\" }\n";
 const USER: &str = "oOpsTestUser0000000000000001";
-
-fn wechat() -> sim::Account {
-    sim::Account {
-        token: TOKEN.into(),
-        app_id: APP_ID.into(),
-        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
-        original_id: GH.into(),
-    }
-}
 
 /// Waits for a log line containing `needle` and returns it.
 fn wait_log(server: &Server, needle: &str, lines: &mut Vec<String>) -> Option<String> {

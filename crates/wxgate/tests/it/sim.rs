@@ -15,18 +15,9 @@ use wxgate::sim::{self, Mode, Seen, compose, load};
 use wxgate_protocol::reply::envelope;
 use wxgate_protocol::{EncodingAesKey, signature};
 
-use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, account_toml};
+use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, account_toml, wechat};
 
 const USER: &str = "oSimTestUser0000000000000001";
-
-fn wechat() -> sim::Account {
-    sim::Account {
-        token: TOKEN.into(),
-        app_id: APP_ID.into(),
-        aes_key: Some(EncodingAesKey::parse(AES_KEY).unwrap()),
-        original_id: GH.into(),
-    }
-}
 
 fn vectors() -> Value {
     serde_json::from_str(include_str!("../../../wxgate-protocol/tests/fixtures/vectors.json"))
