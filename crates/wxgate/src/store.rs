@@ -399,29 +399,22 @@ impl Store {
     /// follower's pushes are delivered in order.
     pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
         let conn = open_read(&self.path)?;
-        let mut stmt = conn
-            .prepare(
-                "SELECT o.id, o.account, o.dedup_key, o.follower, o.url, o.payload, o.attempts FROM outbox o
+        let sql = "SELECT o.id, o.account, o.dedup_key, o.follower, o.url, o.payload, o.attempts FROM outbox o
                  WHERE o.state = 'pending' AND o.next_at <= ?1
                    AND o.id = (SELECT MIN(p.id) FROM outbox p
                                WHERE p.account = o.account AND p.follower = o.follower AND p.state = 'pending')
-                 ORDER BY o.next_at, o.id LIMIT ?2",
-            )
-            .map_err(read_err)?;
-        let rows = stmt
-            .query_map(params![now_ms, limit as i64], |r| {
-                Ok(Due {
-                    id: r.get(0)?,
-                    account: r.get(1)?,
-                    dedup_key: r.get(2)?,
-                    follower: r.get(3)?,
-                    url: r.get(4)?,
-                    payload: r.get(5)?,
-                    attempts: r.get(6)?,
-                })
+                 ORDER BY o.next_at, o.id LIMIT ?2";
+        select(&conn, sql, params![now_ms, limit as i64], |r| {
+            Ok(Due {
+                id: r.get(0)?,
+                account: r.get(1)?,
+                dedup_key: r.get(2)?,
+                follower: r.get(3)?,
+                url: r.get(4)?,
+                payload: r.get(5)?,
+                attempts: r.get(6)?,
             })
-            .map_err(read_err)?;
-        rows.collect::<Result<_, _>>().map_err(read_err)
+        })
     }
 
     /// Counts one more delivery of a recorded push; best effort, nobody waits for it.
@@ -434,22 +427,27 @@ impl Store {
     /// The keys answered since `since_ms`, newest first, at most `limit`.
     pub fn recent_keys(&self, since_ms: i64, limit: usize) -> Result<Vec<RecentKey>, StoreError> {
         let conn = open_read(&self.path)?;
-        let mut stmt = conn
-            // Only final answers: a push whose forward was cut short must be forwarded again.
-            .prepare(
-                // A late reply went as a customer-service message: WeChat's passive
-                // answer to that push was `success`, and so is a retry's.
-                "SELECT account, dedup_key, CASE WHEN status = 'late' THEN NULL ELSE reply END FROM pushes
-                 WHERE received_at >= ?1 AND status IN ('answered', 'late') ORDER BY id DESC LIMIT ?2",
-            )
-            .map_err(read_err)?;
-        let rows = stmt
-            .query_map(params![since_ms, limit as i64], |r| {
-                Ok(RecentKey { account: r.get(0)?, dedup_key: r.get(1)?, reply: r.get(2)? })
-            })
-            .map_err(read_err)?;
-        rows.collect::<Result<_, _>>().map_err(read_err)
+        // Only final answers: a push whose forward was cut short must be forwarded again.
+        // A late reply went as a customer-service message: WeChat's passive
+        // answer to that push was `success`, and so is a retry's.
+        let sql = "SELECT account, dedup_key, CASE WHEN status = 'late' THEN NULL ELSE reply END FROM pushes
+                 WHERE received_at >= ?1 AND status IN ('answered', 'late') ORDER BY id DESC LIMIT ?2";
+        select(&conn, sql, params![since_ms, limit as i64], |r| {
+            Ok(RecentKey { account: r.get(0)?, dedup_key: r.get(1)?, reply: r.get(2)? })
+        })
     }
+}
+
+/// Every row of a query, each made by `row`.
+fn select<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(read_err)?;
+    let rows = stmt.query_map(params, row).map_err(read_err)?;
+    rows.collect::<Result<_, _>>().map_err(read_err)
 }
 
 fn read_err(e: rusqlite::Error) -> StoreError {
@@ -794,41 +792,33 @@ pub struct OutboxRow {
 /// decrypted XML).
 pub fn interrupted_forwards(dir: &Path) -> Result<Vec<(String, String, String)>, StoreError> {
     let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
-    let mut stmt = conn
-        .prepare(
-            "SELECT account, dedup_key, xml FROM pushes WHERE status = 'forwarding' ORDER BY id",
-        )
-        .map_err(read_err)?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(read_err)?;
-    rows.collect::<Result<_, _>>().map_err(read_err)
+    select(
+        &conn,
+        "SELECT account, dedup_key, xml FROM pushes WHERE status = 'forwarding' ORDER BY id",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
 }
 
 /// Outbox entries, oldest first, optionally in one state.
 pub fn outbox_list(dir: &Path, state: Option<&str>) -> Result<Vec<OutboxRow>, StoreError> {
     let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
-    let mut stmt = conn
-        .prepare(
-            "SELECT id, account, dedup_key, follower, url, attempts, state, last_error, created_at, next_at
-             FROM outbox WHERE ?1 IS NULL OR state = ?1 ORDER BY id",
-        )
-        .map_err(read_err)?;
-    let rows = stmt
-        .query_map(params![state], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                account: r.get(1)?,
-                dedup_key: r.get(2)?,
-                follower: r.get(3)?,
-                url: r.get(4)?,
-                attempts: r.get(5)?,
-                state: r.get(6)?,
-                last_error: r.get(7)?,
-                created_at_ms: r.get(8)?,
-                next_at_ms: r.get(9)?,
-            })
+    let sql = "SELECT id, account, dedup_key, follower, url, attempts, state, last_error, created_at, next_at
+             FROM outbox WHERE ?1 IS NULL OR state = ?1 ORDER BY id";
+    select(&conn, sql, params![state], |r| {
+        Ok(OutboxRow {
+            id: r.get(0)?,
+            account: r.get(1)?,
+            dedup_key: r.get(2)?,
+            follower: r.get(3)?,
+            url: r.get(4)?,
+            attempts: r.get(5)?,
+            state: r.get(6)?,
+            last_error: r.get(7)?,
+            created_at_ms: r.get(8)?,
+            next_at_ms: r.get(9)?,
         })
-        .map_err(read_err)?;
-    rows.collect::<Result<_, _>>().map_err(read_err)
+    })
 }
 
 /// Outbox depth: (pending, dead, age in ms of the oldest pending entry).
@@ -861,14 +851,12 @@ pub struct KindSummary {
 /// Recorded pushes per account and kind.
 pub fn summary(dir: &Path) -> Result<Vec<KindSummary>, StoreError> {
     let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
-    let mut stmt = conn
-        .prepare(
-            "SELECT account, kind, COUNT(*), SUM(dead_letter), SUM(deliveries), MAX(received_at)
+    select(
+        &conn,
+        "SELECT account, kind, COUNT(*), SUM(dead_letter), SUM(deliveries), MAX(received_at)
              FROM pushes GROUP BY account, kind ORDER BY account, kind",
-        )
-        .map_err(read_err)?;
-    let rows = stmt
-        .query_map([], |r| {
+        [],
+        |r| {
             Ok(KindSummary {
                 account: r.get(0)?,
                 kind: r.get(1)?,
@@ -877,42 +865,34 @@ pub fn summary(dir: &Path) -> Result<Vec<KindSummary>, StoreError> {
                 deliveries: r.get(4)?,
                 latest_ms: r.get(5)?,
             })
-        })
-        .map_err(read_err)?;
-    rows.collect::<Result<_, _>>().map_err(read_err)
+        },
+    )
 }
 
 /// Every recorded push of the store in `dir`, oldest first, optionally of one account.
 pub fn read_all(dir: &Path, account: Option<&str>) -> Result<Vec<Row>, StoreError> {
     let Some(conn) = open_existing(dir)? else { return Ok(Vec::new()) };
-    let mut stmt = conn
-        .prepare(
-            "SELECT id, account, dedup_key, kind, encrypted, xml, fields, reply, dead_letter, error, received_at, deliveries,
+    let sql = "SELECT id, account, dedup_key, kind, encrypted, xml, fields, reply, dead_letter, error, received_at, deliveries,
                     status, late_result
-             FROM pushes WHERE ?1 IS NULL OR account = ?1 ORDER BY id",
-        )
-        .map_err(read_err)?;
-    let rows = stmt
-        .query_map(params![account], |r| {
-            Ok(Row {
-                id: r.get(0)?,
-                account: r.get(1)?,
-                dedup_key: r.get(2)?,
-                kind: r.get(3)?,
-                encrypted: r.get(4)?,
-                xml: r.get(5)?,
-                fields: r.get(6)?,
-                reply: r.get(7)?,
-                dead_letter: r.get(8)?,
-                error: r.get(9)?,
-                received_at_ms: r.get(10)?,
-                deliveries: r.get(11)?,
-                status: r.get(12)?,
-                late_result: r.get(13)?,
-            })
+             FROM pushes WHERE ?1 IS NULL OR account = ?1 ORDER BY id";
+    select(&conn, sql, params![account], |r| {
+        Ok(Row {
+            id: r.get(0)?,
+            account: r.get(1)?,
+            dedup_key: r.get(2)?,
+            kind: r.get(3)?,
+            encrypted: r.get(4)?,
+            xml: r.get(5)?,
+            fields: r.get(6)?,
+            reply: r.get(7)?,
+            dead_letter: r.get(8)?,
+            error: r.get(9)?,
+            received_at_ms: r.get(10)?,
+            deliveries: r.get(11)?,
+            status: r.get(12)?,
+            late_result: r.get(13)?,
         })
-        .map_err(read_err)?;
-    rows.collect::<Result<_, _>>().map_err(read_err)
+    })
 }
 
 #[cfg(test)]
