@@ -21,7 +21,7 @@ pub(crate) struct RuleFile {
     reply: ReplyFile,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WhenFile {
     msg_type: Option<String>,
@@ -124,14 +124,10 @@ pub struct Rule {
     reply: ReplyTemplate,
 }
 
-#[derive(Debug, Clone, Default)]
+/// The matchers as written, with the regex compiled.
+#[derive(Debug, Clone)]
 struct When {
-    msg_type: Option<String>,
-    event: Option<String>,
-    event_key: Option<String>,
-    event_key_prefix: Option<String>,
-    scene: Option<String>,
-    content: Option<String>,
+    file: WhenFile,
     content_regex: Option<Regex>,
 }
 
@@ -150,22 +146,13 @@ enum ReplyTemplate {
 
 impl Rule {
     pub(crate) fn check(r: RuleFile, at: &str) -> Result<Rule, ConfigError> {
-        let w = r.when;
-        let content_regex = match w.content_regex {
+        let content_regex = match &r.when.content_regex {
             Some(re) => {
-                Some(Regex::new(&re).map_err(|e| err(format!("{at}.when.content_regex"), e))?)
+                Some(Regex::new(re).map_err(|e| err(format!("{at}.when.content_regex"), e))?)
             }
             None => None,
         };
-        let when = When {
-            msg_type: w.msg_type,
-            event: w.event,
-            event_key: w.event_key,
-            event_key_prefix: w.event_key_prefix,
-            scene: w.scene,
-            content: w.content,
-            content_regex,
-        };
+        let when = When { file: r.when, content_regex };
         Ok(Rule { when, reply: ReplyTemplate::check(r.reply, &format!("{at}.reply"))? })
     }
 
@@ -176,7 +163,7 @@ impl Rule {
 
     /// Whether every matcher of this rule holds for the push.
     pub fn matches(&self, push: &Push) -> bool {
-        let w = &self.when;
+        let w = &self.when.file;
         let eq = |want: &Option<String>, got: Option<&str>| {
             want.as_ref().is_none_or(|w| got == Some(w.as_str()))
         };
@@ -190,7 +177,9 @@ impl Rule {
                 .is_none_or(|p| push.event_key().is_some_and(|k| k.starts_with(p.as_str())))
             && eq(&w.scene, push.scene())
             && eq(&w.content, push.content())
-            && w.content_regex
+            && self
+                .when
+                .content_regex
                 .as_ref()
                 .is_none_or(|re| push.content().is_some_and(|c| re.is_match(c)))
     }
