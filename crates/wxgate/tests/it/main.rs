@@ -11,4 +11,5 @@ mod forward;
 mod helpers;
 mod hostile;
 mod ops;
+mod services;
 mod sim;

@@ -1,0 +1,102 @@
+//! The shared services the scale-out tests need: PostgreSQL, Redis and NATS JetStream on
+//! loopback. A test asks with [`require`]; without the service it is skipped with a line
+//! naming what is missing, except under `CI=true`, where a missing service fails it.
+//! Addresses come from `WXGATE_TEST_POSTGRES`, `WXGATE_TEST_REDIS` and `WXGATE_TEST_NATS`
+//! when set.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Postgres,
+    Redis,
+    Nats,
+}
+
+impl Service {
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Postgres => "PostgreSQL",
+            Service::Redis => "Redis",
+            Service::Nats => "NATS",
+        }
+    }
+
+    /// The URL the tests use for it.
+    pub fn url(self) -> String {
+        let (var, default) = match self {
+            Service::Postgres => ("WXGATE_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test"),
+            Service::Redis => ("WXGATE_TEST_REDIS", "redis://127.0.0.1:6379/"),
+            Service::Nats => ("WXGATE_TEST_NATS", "nats://127.0.0.1:4222"),
+        };
+        std::env::var(var).unwrap_or_else(|_| default.to_owned())
+    }
+
+    fn addr(self) -> Option<SocketAddr> {
+        let url = self.url();
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let host = rest.split(['/', '?']).next()?;
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        host.to_socket_addrs().ok()?.next()
+    }
+}
+
+/// Whether `service` answers on its port. Without it the test should return at once:
+/// `if !services::require(Service::Redis) { return; }`.
+pub fn require(service: Service) -> bool {
+    let up = service
+        .addr()
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok());
+    if up {
+        return true;
+    }
+    let message = format!("{} is not reachable at {}", service.name(), service.url());
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{message}; CI must start it (see .ci/run)");
+    }
+    eprintln!("skipped: {message}");
+    false
+}
+
+/// A unique name for this test's private objects (database, stream, key prefix).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let mut r = [0u8; 4];
+    getrandom::fill(&mut r).unwrap();
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        hex::encode(r)
+    )
+}
+
+/// A new, empty PostgreSQL database, dropped when the guard goes.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub fn create() -> PgDatabase {
+        let name = unique("wxgate_t");
+        admin(&format!("CREATE DATABASE {name}"));
+        let base = Service::Postgres.url();
+        let (server, _) = base.rsplit_once('/').expect("a database URL ends in /NAME");
+        PgDatabase { url: format!("{server}/{name}"), name }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        admin(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
+fn admin(sql: &str) {
+    let mut client = postgres::Client::connect(&Service::Postgres.url(), postgres::NoTls)
+        .expect("connect to PostgreSQL");
+    client.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
