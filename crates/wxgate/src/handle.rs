@@ -55,7 +55,7 @@ impl AccountState {
             Action::Reply(reply) => {
                 let xml = self.render(push, &reply);
                 self.once(&key, started, || {
-                    self.record(push, doc, encrypted, &key, xml, Status::Answered, None)
+                    self.record(push, doc, encrypted, &key, xml, Status::Answered, Vec::new())
                 })
                 .await?
             }
@@ -65,7 +65,7 @@ impl AccountState {
                     payload: forward::payload(&self.account.name, &key, push, doc, None),
                 };
                 self.once(&key, started, || {
-                    self.record(push, doc, encrypted, &key, None, Status::Answered, Some(outbox))
+                    self.record(push, doc, encrypted, &key, None, Status::Answered, vec![outbox])
                 })
                 .await?
             }
@@ -148,7 +148,7 @@ impl AccountState {
         key: &str,
         reply: Option<String>,
         status: Status,
-        outbox: Option<OutboxEntry>,
+        outbox: Vec<OutboxEntry>,
     ) -> NewRecord {
         NewRecord {
             account: self.account.name.clone(),
@@ -247,7 +247,7 @@ impl AccountState {
                 Claim::New(guard) => {
                     // Durable first: the push is kept even if the service never answers.
                     let record =
-                        self.record(push, doc, encrypted, key, None, Status::Forwarding, None);
+                        self.record(push, doc, encrypted, key, None, Status::Forwarding, Vec::new());
                     // New, or an earlier forward failed or was cut short by a restart:
                     // forward (again). Answered before: that answer.
                     if let Inserted::Existing { status: Status::Answered | Status::Late, reply } =

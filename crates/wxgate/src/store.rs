@@ -64,8 +64,8 @@ pub struct NewRecord {
     pub received_at_ms: i64,
     /// The state of the answer (see [`Status`]).
     pub status: Status,
-    /// Queue the push for background delivery in the same transaction.
-    pub outbox: Option<OutboxEntry>,
+    /// Background deliveries of the push, queued in the same transaction.
+    pub outbox: Vec<OutboxEntry>,
 }
 
 /// Where a push's answer stands.
@@ -608,7 +608,7 @@ fn commit(
                         ])
                         .map_err(werr)?;
                     let inserted = if changed == 1 {
-                        if let Some(o) = &r.outbox {
+                        for o in &r.outbox {
                             tx.prepare_cached(
                                 "INSERT INTO outbox (account, dedup_key, follower, url, payload, next_at, created_at)
                                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT DO NOTHING",
