@@ -45,6 +45,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Folder of the embedded store, relative to the config file. Default `wxgate-data`.
     pub data_dir: PathBuf,
+    /// PostgreSQL URL of a store shared by several nodes (`postgres://user@host/db`, or
+    /// `"${VAR}"`); when not set, the store is SQLite in `data_dir`.
+    pub database: Option<String>,
     /// How long a push's key is remembered in memory to recognise WeChat's retries
     /// (they come within about 15 s). The store keeps keys for good. Default 600 s.
     pub dedup_window_secs: u64,
@@ -210,6 +213,13 @@ pub struct OutboxConfig {
     pub backoff_max: Duration,
     /// How often the outbox looks for due entries.
     pub poll: Duration,
+    /// With a shared store: how long one node's turn at the cluster's chores (the
+    /// outbox, the sweep of orphaned forwards) lasts unless renewed; when a node dies,
+    /// another takes over within this time. Default 10 s.
+    pub lease: Duration,
+    /// With a shared store: a forward still running after this long lost its node, and
+    /// the push goes to the outbox instead. Default 120 s, well past any forward.
+    pub orphan_after: Duration,
 }
 
 #[derive(Deserialize)]
@@ -218,6 +228,7 @@ struct FileConfig {
     listen: Option<String>,
     metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
+    database: Option<String>,
     dedup_window_secs: Option<u64>,
     dedup_memory_entries: Option<usize>,
     #[serde(default)]
@@ -256,6 +267,8 @@ struct FileOutbox {
     backoff_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
     poll_ms: Option<u64>,
+    lease_ms: Option<u64>,
+    orphan_after_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -336,6 +349,22 @@ impl Config {
             accounts.push(account);
         }
         let dedup_memory_entries = file.dedup_memory_entries.unwrap_or(200_000);
+        let database = match &file.database {
+            None => None,
+            Some(raw) => {
+                let url = expand(raw, "database")?;
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(ConfigError::new(
+                        "database",
+                        "must be a PostgreSQL URL (postgres://user@host:port/db); the embedded SQLite store is set with data_dir",
+                    ));
+                }
+                url.parse::<postgres::Config>().map_err(|e| {
+                    ConfigError::new("database", format!("not a valid PostgreSQL URL: {e}"))
+                })?;
+                Some(url)
+            }
+        };
         if dedup_memory_entries == 0 {
             return Err(ConfigError::new("dedup_memory_entries", "must be at least 1"));
         }
@@ -345,6 +374,8 @@ impl Config {
             backoff: Duration::from_millis(o.backoff_ms.unwrap_or(1000)),
             backoff_max: Duration::from_millis(o.backoff_max_ms.unwrap_or(300_000)),
             poll: Duration::from_millis(o.poll_ms.unwrap_or(200).max(1)),
+            lease: Duration::from_millis(o.lease_ms.unwrap_or(10_000).max(10)),
+            orphan_after: Duration::from_millis(o.orphan_after_ms.unwrap_or(120_000)),
         };
         let days = |path: String, d: f64| {
             if d.is_finite() && d > 0.0 {
@@ -391,10 +422,20 @@ impl Config {
             http,
             allow_from,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
+            database,
             dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
             dedup_memory_entries,
             accounts,
         })
+    }
+
+    /// Where the store lives: PostgreSQL when `database` is set, else SQLite in
+    /// `data_dir`.
+    pub fn store_location(&self) -> crate::store::Location {
+        match &self.database {
+            Some(url) => crate::store::Location::Postgres(url.clone()),
+            None => crate::store::Location::Sqlite(self.data_dir.clone()),
+        }
     }
 
     /// The account of this name.

@@ -33,6 +33,8 @@ use crate::rules::{self, Action};
 use crate::store::{Inserted, NewRecord, OutboxEntry, Status, Update};
 use crate::wechat_api::ApiError;
 
+/// How often a retry waiting for another node's forward looks at the shared store.
+const CLUSTER_POLL: Duration = Duration::from_millis(20);
 /// How long a forward may run at all, after which its reply is given up.
 const FORWARD_LIMIT: Duration = Duration::from_secs(30);
 /// Tries of a customer-service message that failed for a passing reason.
@@ -250,12 +252,23 @@ impl AccountState {
                         self.record(push, doc, encrypted, key, None, Status::Forwarding, Vec::new());
                     // New, or an earlier forward failed or was cut short by a restart:
                     // forward (again). Answered before: that answer.
-                    if let Inserted::Existing { status: Status::Answered | Status::Late, reply } =
-                        self.store.insert(record).await?
-                    {
-                        let answer = Answer { reply: reply.map(Arc::from) };
-                        guard.finish(answer.clone());
-                        return Ok((Outcome::Duplicate, answer));
+                    match self.store.insert(record).await? {
+                        Inserted::Existing { status: Status::Answered | Status::Late, reply } => {
+                            let answer = Answer { reply: reply.map(Arc::from) };
+                            guard.finish(answer.clone());
+                            return Ok((Outcome::Duplicate, answer));
+                        }
+                        // Several nodes share the store: the forward runs on another one.
+                        Inserted::Existing { status: Status::Forwarding, .. }
+                            if self.store.shared() =>
+                        {
+                            match self.join_other_node(guard, key, deadline).await {
+                                Some(result) => return result,
+                                // That forward failed: try ourselves.
+                                None => continue,
+                            }
+                        }
+                        _ => {}
                     }
                     let rx = guard.subscribe();
                     let job = ForwardJob {
@@ -290,6 +303,53 @@ impl AccountState {
                 }
             }
         }
+    }
+
+    /// A retry of a push whose forward runs on another node (the store is shared): waits
+    /// for that node to record the answer, until the budget. `None` when that forward
+    /// failed, so that this delivery forwards again.
+    async fn join_other_node(
+        &self,
+        guard: Guard,
+        key: &str,
+        deadline: Instant,
+    ) -> Option<Result<(Outcome, Answer), Rejection>> {
+        let mut deliveries = 0;
+        loop {
+            let (store, account, k) = (self.store.clone(), self.account.name.clone(), key.to_owned());
+            let standing = tokio::task::spawn_blocking(move || store.answer_of(&account, &k)).await;
+            if let Ok(Ok(Some(standing))) = standing {
+                deliveries = standing.deliveries;
+                let reply = standing.reply.map(Arc::from);
+                match standing.status {
+                    Status::Answered => {
+                        let answer = Answer { reply };
+                        guard.finish(answer.clone());
+                        return Some(Ok((Outcome::RetryJoined, answer)));
+                    }
+                    // The reply goes (went) as a customer-service message.
+                    Status::Late => {
+                        let answer = Answer { reply: None };
+                        guard.finish(answer.clone());
+                        return Some(Ok((Outcome::Late, answer)));
+                    }
+                    Status::Failed => return None,
+                    Status::Forwarding => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep_until((Instant::now() + CLUSTER_POLL).min(deadline).into()).await;
+        }
+        // Not answered in time. Holding for a retry: refuse, unless WeChat is done
+        // delivering. The node running the forward keeps the reply.
+        drop(guard);
+        let hold = self.account.late_reply == LateReply::HoldForRetry;
+        if hold && deliveries < i64::from(self.account.wechat_attempts) {
+            return Some(Err(Rejection::StillInFlight));
+        }
+        Some(Ok((Outcome::Late, Answer { reply: None })))
     }
 
     /// A delivery whose answer is not ready at its budget. Holding for a retry: refuse it

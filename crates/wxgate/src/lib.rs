@@ -72,7 +72,7 @@ impl App {
 /// account (GET verification, POST pushes), `/healthz` and `/readyz`. Called inside a
 /// Tokio runtime, it also starts the outbox worker.
 pub fn build(config: &Config) -> Result<App, StoreError> {
-    let store = Store::open(&config.data_dir)?;
+    let store = Store::open(config.store_location())?;
     let window = Duration::from_secs(config.dedup_window_secs);
     let dedup = Dedup::new(window, config.dedup_memory_entries);
     let metrics = Arc::new(Metrics::default());
@@ -125,10 +125,17 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             .with_state(state);
         router = router.merge(routes);
     }
-    let interrupted = store::interrupted_forwards(&config.data_dir)?;
     if tokio::runtime::Handle::try_current().is_ok() {
-        if !interrupted.is_empty() {
-            tokio::spawn(requeue_interrupted(config.clone(), store.clone(), interrupted));
+        if store.shared() {
+            // Other nodes may be forwarding right now: only forwards that outlived any
+            // forward are orphans, swept by one node at a time.
+            tokio::spawn(sweep_orphaned_forwards(config.clone(), store.clone()));
+        } else {
+            // This node is the only one: every forward in flight was cut short.
+            let interrupted = store::interrupted_forwards(store.location(), i64::MAX)?;
+            if !interrupted.is_empty() {
+                tokio::spawn(requeue_interrupted(config.clone(), store.clone(), interrupted));
+            }
         }
         outbox::spawn(config, store.clone(), client);
         if config.retention.enabled() {
@@ -136,6 +143,39 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
         }
     }
     Ok(App { router, store, metrics, dedup })
+}
+
+/// This node's name in the cluster's leases: unique per process.
+pub fn node_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let mut r = [0u8; 4];
+        let _ = getrandom::fill(&mut r);
+        format!("{}-{}", std::process::id(), hex::encode(r))
+    })
+}
+
+/// With a shared store: whichever node holds the `sweep` lease hands the pushes of
+/// forwards whose node died (still `forwarding` after `orphan_after`) to the outbox.
+async fn sweep_orphaned_forwards(config: Config, store: Store) {
+    let cfg = config.outbox;
+    loop {
+        let now = http::unix_ms();
+        let until = now + cfg.lease.as_millis() as i64;
+        if let Ok(true) = store.lease("sweep", node_id(), until).await {
+            let (at, before) = (store.location().clone(), now - cfg.orphan_after.as_millis() as i64);
+            let found =
+                tokio::task::spawn_blocking(move || store::interrupted_forwards(&at, before)).await;
+            match found {
+                Ok(Ok(orphans)) if !orphans.is_empty() => {
+                    requeue_interrupted(config.clone(), store.clone(), orphans).await;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot look for orphaned forwards"),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(cfg.lease / 2).await;
+    }
 }
 
 /// Forwards that were in flight when the server stopped: WeChat may already have been
@@ -175,7 +215,7 @@ pub fn forget(config: &Config, account: &str, openid: &str) -> anyhow::Result<us
         config.account(account).is_some(),
         "no account named {account:?} in the config"
     );
-    let store = Store::open(&config.data_dir)?;
+    let store = Store::open(config.store_location())?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let n = rt.block_on(store.forget(account, openid, None))?;
     store.close(Duration::from_secs(10));

@@ -215,7 +215,7 @@ fn events(config: PathBuf, account: Option<String>) -> anyhow::Result<()> {
     if let Some(name) = &account {
         anyhow::ensure!(config.account(name).is_some(), "no account named {name:?} in the config");
     }
-    let rows = wxgate::store::read_all(&config.data_dir, account.as_deref())?;
+    let rows = wxgate::store::read_all(config.store_location(), account.as_deref())?;
     let mut out = std::io::stdout().lock();
     for row in &rows {
         writeln!(out, "{}", wxgate::events::to_json(row))?;

@@ -76,7 +76,7 @@ impl Metrics {
     pub fn render(&self, store: &Store, dedup_entries: usize) -> String {
         // Read the store before taking the lock that every push needs.
         let (pending, dead, oldest_ms) =
-            crate::store::outbox_depth(store.dir(), crate::http::unix_ms()).unwrap_or_default();
+            crate::store::outbox_depth(store.location(), crate::http::unix_ms()).unwrap_or_default();
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         let _ = writeln!(

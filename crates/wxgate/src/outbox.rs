@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::Client;
 use crate::config::{Config, OutboxConfig, Secret};
@@ -48,7 +48,12 @@ impl Worker {
     /// hanging endpoint holds up only its own follower's queue.
     async fn run(self) {
         let in_flight: Arc<std::sync::Mutex<HashSet<i64>>> = Arc::default();
+        let mut lease = Lease::default();
         loop {
+            if self.store.shared() && !lease.hold(&self.store, self.cfg.lease).await {
+                tokio::time::sleep(self.cfg.poll).await;
+                continue;
+            }
             let store = self.store.clone();
             let due = tokio::task::spawn_blocking(move || store.due(unix_ms(), BATCH)).await;
             let due = match due {
@@ -83,6 +88,42 @@ impl Worker {
             }
             tokio::time::sleep(self.cfg.poll).await;
         }
+    }
+}
+
+/// With a shared store, one node at a time runs the outbox, so that every follower's
+/// entries still go out one at a time and in order. Its lease is renewed at half-time;
+/// when the node dies, another takes over once the lease ran out.
+#[derive(Default)]
+struct Lease {
+    /// Unix ms until which this node holds the lease; 0 when it does not.
+    until: i64,
+}
+
+impl Lease {
+    async fn hold(&mut self, store: &Store, length: Duration) -> bool {
+        let now = unix_ms();
+        let length = length.as_millis() as i64;
+        if self.until - now > length / 2 {
+            return true;
+        }
+        let held = store.lease("outbox", crate::node_id(), now + length).await;
+        match held {
+            Ok(true) => {
+                if self.until == 0 {
+                    info!(target: "wxgate::outbox", node = crate::node_id(), "this node now delivers the outbox");
+                }
+                self.until = now + length;
+            }
+            Ok(false) => self.until = 0,
+            Err(e) => {
+                if self.until != 0 {
+                    warn!(target: "wxgate::outbox", error = %e, "cannot renew the outbox lease");
+                }
+                self.until = 0;
+            }
+        }
+        self.until != 0
     }
 }
 
@@ -160,7 +201,7 @@ pub fn run(cmd: OutboxCommand, out: &mut impl std::io::Write) -> anyhow::Result<
                     "--state: use pending, delivered or dead, not {s:?}"
                 );
             }
-            for row in crate::store::outbox_list(&config.data_dir, state.as_deref())? {
+            for row in crate::store::outbox_list(&config.store_location(), state.as_deref())? {
                 writeln!(out, "{}", serde_json::to_string(&row)?)?;
             }
             Ok(())
@@ -168,7 +209,7 @@ pub fn run(cmd: OutboxCommand, out: &mut impl std::io::Write) -> anyhow::Result<
         OutboxCommand::Redrive { config, id, all } => {
             anyhow::ensure!(id.is_some() || all, "give --id N or --all");
             let config = Config::load(&config)?;
-            let store = Store::open(&config.data_dir)?;
+            let store = Store::open(config.store_location())?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let n = rt.block_on(store.redrive(id))?;
             store.close(Duration::from_secs(10));

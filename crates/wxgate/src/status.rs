@@ -13,8 +13,9 @@ use crate::store;
 /// The report as text.
 pub async fn report(config: &Config) -> anyhow::Result<String> {
     let mut out = String::new();
-    let _ = writeln!(out, "store: {}", config.data_dir.join("wxgate.db").display());
-    let rows = store::summary(&config.data_dir)?;
+    let at = config.store_location();
+    let _ = writeln!(out, "store: {}", at.display());
+    let rows = store::summary(&at)?;
     if rows.is_empty() {
         let _ = writeln!(out, "  no pushes recorded yet");
     }
@@ -36,7 +37,7 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
         );
     }
 
-    let (pending, dead, oldest_ms) = store::outbox_depth(&config.data_dir, crate::http::unix_ms())?;
+    let (pending, dead, oldest_ms) = store::outbox_depth(&at, crate::http::unix_ms())?;
     let _ = writeln!(
         out,
         "outbox: {pending} pending (oldest {:.1} s), {dead} dead (see `wxgate outbox list --state dead`)",

@@ -272,7 +272,7 @@ async fn background_forwards_go_through_the_outbox_in_order_and_survive_failures
     .await;
     let data = server.dir.path().join("data");
     eventually("all delivered", || {
-        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 3
+        wxgate::store::outbox_list(&(&data).into(), Some("delivered")).unwrap().len() == 3
     })
     .await;
     let order: Vec<String> = hook
@@ -299,10 +299,10 @@ async fn what_keeps_failing_is_parked_then_redriven() {
     deliver(&wechat(), &server.url("/wx"), &push, Mode::Plain, Rules::default()).await;
     let data = server.dir.path().join("data");
     eventually("parked as dead after 3 attempts", || {
-        wxgate::store::outbox_list(&data, Some("dead")).unwrap().len() == 1
+        wxgate::store::outbox_list(&(&data).into(), Some("dead")).unwrap().len() == 1
     })
     .await;
-    let dead = &wxgate::store::outbox_list(&data, Some("dead")).unwrap()[0];
+    let dead = &wxgate::store::outbox_list(&(&data).into(), Some("dead")).unwrap()[0];
     assert_eq!(dead.attempts, 3);
     assert!(dead.last_error.as_deref().unwrap().contains("500"));
 
@@ -313,7 +313,7 @@ async fn what_keeps_failing_is_parked_then_redriven() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     eventually("delivered after the redrive", || {
-        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+        wxgate::store::outbox_list(&(&data).into(), Some("delivered")).unwrap().len() == 1
     })
     .await;
 }
@@ -338,7 +338,7 @@ async fn the_outbox_survives_a_restart() {
     let server = Server::start_at(dir, cfg);
     let data = server.dir.path().join("data");
     eventually("delivered after the restart", || {
-        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+        wxgate::store::outbox_list(&(&data).into(), Some("delivered")).unwrap().len() == 1
     })
     .await;
     assert_eq!(hook.calls().last().unwrap()["fields"]["Precision"], "9");
@@ -359,7 +359,7 @@ async fn a_forward_failing_after_success_was_answered_still_reaches_the_service(
 
     let data = server.dir.path().join("data");
     eventually("handed on through the outbox", || {
-        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+        wxgate::store::outbox_list(&(&data).into(), Some("delivered")).unwrap().len() == 1
     })
     .await;
     let calls = hook.calls();
@@ -383,7 +383,7 @@ async fn a_forward_cut_short_by_a_crash_after_success_still_reaches_the_service(
     let server = tokio::task::spawn_blocking(move || Server::start_at(dir, cfg)).await.unwrap();
     let data = server.dir.path().join("data");
     eventually("delivered through the outbox after the restart", || {
-        wxgate::store::outbox_list(&data, Some("delivered")).unwrap().len() == 1
+        wxgate::store::outbox_list(&(&data).into(), Some("delivered")).unwrap().len() == 1
     })
     .await;
     let background = hook.calls().last().unwrap().clone();

@@ -13,3 +13,4 @@ mod hostile;
 mod ops;
 mod services;
 mod sim;
+mod store;

@@ -95,8 +95,16 @@ impl Drop for PgDatabase {
     }
 }
 
-fn admin(sql: &str) {
-    let mut client = postgres::Client::connect(&Service::Postgres.url(), postgres::NoTls)
-        .expect("connect to PostgreSQL");
-    client.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+/// Runs SQL on the test server. PostgreSQL's blocking client runs a runtime of its own,
+/// so it works on a thread of its own (tests call this from inside Tokio).
+pub fn admin(sql: &str) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut client = postgres::Client::connect(&Service::Postgres.url(), postgres::NoTls)
+                .expect("connect to PostgreSQL");
+            client.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    });
 }

@@ -1,0 +1,542 @@
+//! The two databases behind the store, SQLite (embedded) and PostgreSQL (shared by
+//! several nodes), seen through one small interface: statements with positional
+//! parameters, rows of plain values, explicit transactions. Every query of the store is
+//! written once; where the dialects differ a [`Sql`] carries both texts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags};
+
+use super::StoreError;
+
+const SQLITE_MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_pushes.sql"),
+    include_str!("../../migrations/sqlite/0002_forwarding.sql"),
+    include_str!("../../migrations/sqlite/0003_leases.sql"),
+];
+
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_pushes.sql"),
+    include_str!("../../migrations/postgres/0002_forwarding.sql"),
+    include_str!("../../migrations/postgres/0003_leases.sql"),
+];
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// `DIR/wxgate.db`, the embedded default.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://user@host:port/db`), shared by every node.
+    Postgres(String),
+}
+
+impl Location {
+    /// Whether other nodes may write to the same store.
+    pub fn shared(&self) -> bool {
+        matches!(self, Location::Postgres(_))
+    }
+
+    /// For people and logs: the file, or the URL without its password.
+    pub fn display(&self) -> String {
+        match self {
+            Location::Sqlite(dir) => dir.join("wxgate.db").display().to_string(),
+            Location::Postgres(url) => redact(url),
+        }
+    }
+}
+
+impl From<&Location> for Location {
+    fn from(at: &Location) -> Location {
+        at.clone()
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(dir: &Path) -> Location {
+        Location::Sqlite(dir.to_owned())
+    }
+}
+
+impl From<&PathBuf> for Location {
+    fn from(dir: &PathBuf) -> Location {
+        Location::Sqlite(dir.clone())
+    }
+}
+
+/// A URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => format!("{user}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    match path {
+        Some(p) => format!("{scheme}://{authority}/{p}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+/// A statement; `?1`, `?2`… mark its parameters in both texts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sql {
+    pub(crate) sqlite: &'static str,
+    pub(crate) postgres: &'static str,
+}
+
+impl Sql {
+    /// The same text for both databases.
+    pub(crate) const fn both(text: &'static str) -> Sql {
+        Sql { sqlite: text, postgres: text }
+    }
+}
+
+/// A parameter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum V<'a> {
+    Null,
+    I(i64),
+    T(&'a str),
+    B(bool),
+}
+
+impl<'a> From<&'a str> for V<'a> {
+    fn from(s: &'a str) -> V<'a> {
+        V::T(s)
+    }
+}
+
+impl<'a> From<&'a String> for V<'a> {
+    fn from(s: &'a String) -> V<'a> {
+        V::T(s)
+    }
+}
+
+impl<'a> From<&'a Option<String>> for V<'a> {
+    fn from(s: &'a Option<String>) -> V<'a> {
+        s.as_deref().map_or(V::Null, V::T)
+    }
+}
+
+impl<'a> From<Option<&'a str>> for V<'a> {
+    fn from(s: Option<&'a str>) -> V<'a> {
+        s.map_or(V::Null, V::T)
+    }
+}
+
+impl From<i64> for V<'_> {
+    fn from(n: i64) -> Self {
+        V::I(n)
+    }
+}
+
+impl From<Option<i64>> for V<'_> {
+    fn from(n: Option<i64>) -> Self {
+        n.map_or(V::Null, V::I)
+    }
+}
+
+impl From<bool> for V<'_> {
+    fn from(b: bool) -> Self {
+        V::B(b)
+    }
+}
+
+/// A value read back.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Val {
+    Null,
+    I(i64),
+    T(String),
+    B(bool),
+}
+
+impl Val {
+    pub(crate) fn i64(&self) -> i64 {
+        match self {
+            Val::I(n) => *n,
+            Val::B(b) => i64::from(*b),
+            Val::T(t) => t.parse().unwrap_or(0),
+            Val::Null => 0,
+        }
+    }
+
+    pub(crate) fn bool(&self) -> bool {
+        self.i64() != 0
+    }
+
+    pub(crate) fn opt_text(&self) -> Option<String> {
+        match self {
+            Val::T(t) => Some(t.clone()),
+            Val::I(n) => Some(n.to_string()),
+            Val::B(b) => Some(b.to_string()),
+            Val::Null => None,
+        }
+    }
+
+    pub(crate) fn text(&self) -> String {
+        self.opt_text().unwrap_or_default()
+    }
+}
+
+/// A connection to either database.
+pub(crate) trait Db: Send {
+    fn begin(&mut self) -> Result<(), String>;
+    fn commit(&mut self) -> Result<(), String>;
+    /// Abandons the open transaction, if any.
+    fn rollback(&mut self);
+    /// Runs a statement; answers how many rows it changed.
+    fn exec(&mut self, sql: Sql, params: &[V<'_>]) -> Result<usize, String>;
+    /// Runs a query; answers its rows.
+    fn query(&mut self, sql: Sql, params: &[V<'_>]) -> Result<Vec<Vec<Val>>, String>;
+}
+
+/// Opens the writer's connection, creating and migrating the schema.
+pub(crate) fn open_writer(at: &Location) -> Result<Box<dyn Db>, StoreError> {
+    let fail = |e: &dyn std::fmt::Display| StoreError::Open { path: at.display(), message: e.to_string() };
+    match at {
+        Location::Sqlite(dir) => {
+            let path = dir.join("wxgate.db");
+            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+            let mut conn = Connection::open(&path).map_err(|e| fail(&e))?;
+            conn.busy_timeout(Duration::from_secs(2)).map_err(|e| fail(&e))?;
+            conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| fail(&e))?;
+            conn.pragma_update(None, "synchronous", "FULL").map_err(|e| fail(&e))?;
+            migrate_sqlite(&mut conn).map_err(|e| fail(&e))?;
+            Ok(Box::new(Sqlite { conn, in_tx: false }))
+        }
+        Location::Postgres(url) => {
+            let mut db = Postgres::connect(url).map_err(|e| fail(&e))?;
+            db.migrate().map_err(|e| fail(&e))?;
+            Ok(Box::new(db))
+        }
+    }
+}
+
+/// Opens a connection for reading, or `None` when an embedded store was never created.
+pub(crate) fn open_reader(at: &Location) -> Result<Option<Box<dyn Db>>, StoreError> {
+    let fail = |e: &dyn std::fmt::Display| StoreError::Open { path: at.display(), message: e.to_string() };
+    match at {
+        Location::Sqlite(dir) => {
+            let path = dir.join("wxgate.db");
+            if !path.exists() {
+                return Ok(None);
+            }
+            let conn = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| fail(&e))?;
+            conn.busy_timeout(Duration::from_secs(5)).map_err(|e| fail(&e))?;
+            Ok(Some(Box::new(Sqlite { conn, in_tx: false })))
+        }
+        // Reading before any node migrated finds no tables: an error that says so.
+        Location::Postgres(url) => Ok(Some(Box::new(Postgres::connect(url).map_err(|e| fail(&e))?))),
+    }
+}
+
+fn migrate_sqlite(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in SQLITE_MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+struct Sqlite {
+    conn: Connection,
+    in_tx: bool,
+}
+
+impl Sqlite {
+    fn bind(params: &[V<'_>]) -> Vec<rusqlite::types::Value> {
+        use rusqlite::types::Value;
+        params
+            .iter()
+            .map(|p| match p {
+                V::Null => Value::Null,
+                V::I(n) => Value::Integer(*n),
+                V::T(t) => Value::Text((*t).to_owned()),
+                V::B(b) => Value::Integer(i64::from(*b)),
+            })
+            .collect()
+    }
+}
+
+impl Db for Sqlite {
+    fn begin(&mut self) -> Result<(), String> {
+        self.conn.execute_batch("BEGIN").map_err(|e| e.to_string())?;
+        self.in_tx = true;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        self.in_tx = false;
+        self.conn.execute_batch("COMMIT").map_err(|e| e.to_string())
+    }
+
+    fn rollback(&mut self) {
+        if std::mem::take(&mut self.in_tx) {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn exec(&mut self, sql: Sql, params: &[V<'_>]) -> Result<usize, String> {
+        let mut stmt = self.conn.prepare_cached(sql.sqlite).map_err(|e| e.to_string())?;
+        stmt.execute(rusqlite::params_from_iter(Self::bind(params))).map_err(|e| e.to_string())
+    }
+
+    fn query(&mut self, sql: Sql, params: &[V<'_>]) -> Result<Vec<Vec<Val>>, String> {
+        let mut stmt = self.conn.prepare_cached(sql.sqlite).map_err(|e| e.to_string())?;
+        let width = stmt.column_count();
+        let mut rows =
+            stmt.query(rusqlite::params_from_iter(Self::bind(params))).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+            let mut values = Vec::with_capacity(width);
+            for i in 0..width {
+                values.push(match row.get_ref(i).map_err(|e| e.to_string())? {
+                    ValueRef::Null => Val::Null,
+                    ValueRef::Integer(n) => Val::I(n),
+                    ValueRef::Real(f) => Val::I(f as i64),
+                    ValueRef::Text(t) | ValueRef::Blob(t) => {
+                        Val::T(String::from_utf8_lossy(t).into_owned())
+                    }
+                });
+            }
+            out.push(values);
+        }
+        Ok(out)
+    }
+}
+
+/// The PostgreSQL driver: one connection, statements prepared once per connection, and
+/// a reconnect at the next transaction after the server went away.
+struct Postgres {
+    url: String,
+    client: Option<postgres::Client>,
+    prepared: HashMap<&'static str, postgres::Statement>,
+}
+
+impl Postgres {
+    fn connect(url: &str) -> Result<Postgres, String> {
+        let mut db = Postgres { url: url.to_owned(), client: None, prepared: HashMap::new() };
+        db.client()?;
+        Ok(db)
+    }
+
+    fn client(&mut self) -> Result<&mut postgres::Client, String> {
+        if self.client.as_ref().is_none_or(postgres::Client::is_closed) {
+            self.prepared.clear();
+            let mut config: postgres::Config = self.url.parse().map_err(|e| describe(&e))?;
+            if config.get_connect_timeout().is_none() {
+                config.connect_timeout(Duration::from_secs(2));
+            }
+            config.application_name("wxgate");
+            self.client = Some(config.connect(postgres::NoTls).map_err(|e| describe(&e))?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Runs the migrations not yet applied, one node at a time (an advisory lock).
+    fn migrate(&mut self) -> Result<(), String> {
+        let client = self.client()?;
+        let mut tx = client.transaction().map_err(|e| describe(&e))?;
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7873203477);
+             CREATE TABLE IF NOT EXISTS wxgate_schema (version BIGINT NOT NULL)",
+        )
+        .map_err(|e| describe(&e))?;
+        let version: i64 = tx
+            .query_opt("SELECT version FROM wxgate_schema", &[])
+            .map_err(|e| describe(&e))?
+            .map_or(0, |r| r.get(0));
+        for (i, sql) in POSTGRES_MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            tx.batch_execute(sql).map_err(|e| format!("migration {}: {}", i + 1, describe(&e)))?;
+        }
+        let latest = POSTGRES_MIGRATIONS.len() as i64;
+        if version < latest {
+            tx.execute("DELETE FROM wxgate_schema", &[]).map_err(|e| describe(&e))?;
+            tx.execute("INSERT INTO wxgate_schema (version) VALUES ($1)", &[&latest])
+                .map_err(|e| describe(&e))?;
+        }
+        tx.commit().map_err(|e| describe(&e))
+    }
+
+    fn statement(&mut self, sql: Sql) -> Result<postgres::Statement, String> {
+        if let Some(s) = self.prepared.get(sql.postgres) {
+            return Ok(s.clone());
+        }
+        let text = numbered(sql.postgres);
+        let stmt = self.client()?.prepare(&text).map_err(|e| describe(&e))?;
+        self.prepared.insert(sql.postgres, stmt.clone());
+        Ok(stmt)
+    }
+
+    fn run<T>(
+        &mut self,
+        sql: Sql,
+        params: &[V<'_>],
+        f: impl FnOnce(&mut postgres::Client, &postgres::Statement, &[&(dyn postgres::types::ToSql + Sync)]) -> Result<T, postgres::Error>,
+    ) -> Result<T, String> {
+        let stmt = self.statement(sql)?;
+        let owned: Vec<PgParam> = params
+            .iter()
+            .zip(stmt.params())
+            .map(|(p, ty)| PgParam::of(p, ty))
+            .collect();
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            owned.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
+        let client = self.client()?;
+        f(client, &stmt, &refs).map_err(|e| describe(&e))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // The driver's connection owns a Tokio runtime, which may not be dropped inside
+        // another runtime's task: let it go on a thread of its own.
+        if let Some(client) = self.client.take() {
+            let _ = std::thread::Builder::new().name("wxgate-pg-close".into()).spawn(move || drop(client));
+        }
+    }
+}
+
+/// `?N` → `$N`, PostgreSQL's parameter marks.
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn describe(e: &dyn std::fmt::Display) -> String {
+    // postgres::Error's Display is short ("db error"); its source holds the detail.
+    e.to_string()
+}
+
+/// A parameter converted to the type PostgreSQL inferred for its place.
+#[derive(Debug)]
+enum PgParam {
+    Null,
+    I8(i64),
+    I4(i32),
+    T(String),
+    B(bool),
+}
+
+impl PgParam {
+    fn of(v: &V<'_>, ty: &postgres::types::Type) -> PgParam {
+        use postgres::types::Type;
+        match *v {
+            V::Null => PgParam::Null,
+            V::I(n) if *ty == Type::INT4 => PgParam::I4(n as i32),
+            V::I(n) if *ty == Type::BOOL => PgParam::B(n != 0),
+            V::I(n) if *ty == Type::TEXT || *ty == Type::VARCHAR => PgParam::T(n.to_string()),
+            V::I(n) => PgParam::I8(n),
+            V::B(b) if *ty == Type::INT8 => PgParam::I8(i64::from(b)),
+            V::B(b) => PgParam::B(b),
+            V::T(t) => PgParam::T(t.to_owned()),
+        }
+    }
+}
+
+impl postgres::types::ToSql for PgParam {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            PgParam::Null => Ok(postgres::types::IsNull::Yes),
+            PgParam::I8(n) => n.to_sql(ty, out),
+            PgParam::I4(n) => n.to_sql(ty, out),
+            PgParam::T(t) => t.to_sql(ty, out),
+            PgParam::B(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+impl Db for Postgres {
+    fn begin(&mut self) -> Result<(), String> {
+        self.client()?.batch_execute("BEGIN").map_err(|e| describe(&e))
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        self.client()?.batch_execute("COMMIT").map_err(|e| describe(&e))
+    }
+
+    fn rollback(&mut self) {
+        if let Some(c) = self.client.as_mut().filter(|c| !c.is_closed()) {
+            let _ = c.batch_execute("ROLLBACK");
+        }
+    }
+
+    fn exec(&mut self, sql: Sql, params: &[V<'_>]) -> Result<usize, String> {
+        self.run(sql, params, |c, s, p| c.execute(s, p)).map(|n| n as usize)
+    }
+
+    fn query(&mut self, sql: Sql, params: &[V<'_>]) -> Result<Vec<Vec<Val>>, String> {
+        use postgres::types::Type;
+        let rows = self.run(sql, params, |c, s, p| c.query(s, p))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut values = Vec::with_capacity(row.len());
+            for (i, col) in row.columns().iter().enumerate() {
+                let ty = col.type_();
+                let v = if *ty == Type::INT8 {
+                    row.try_get::<_, Option<i64>>(i).map(|v| v.map_or(Val::Null, Val::I))
+                } else if *ty == Type::INT4 {
+                    row.try_get::<_, Option<i32>>(i).map(|v| v.map_or(Val::Null, |n| Val::I(n.into())))
+                } else if *ty == Type::INT2 {
+                    row.try_get::<_, Option<i16>>(i).map(|v| v.map_or(Val::Null, |n| Val::I(n.into())))
+                } else if *ty == Type::BOOL {
+                    row.try_get::<_, Option<bool>>(i).map(|v| v.map_or(Val::Null, Val::B))
+                } else {
+                    row.try_get::<_, Option<String>>(i).map(|v| v.map_or(Val::Null, Val::T))
+                };
+                values.push(v.map_err(|e| format!("column {}: {}", col.name(), describe(&e)))?);
+            }
+            out.push(values);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_renumbered_for_postgres() {
+        assert_eq!(numbered("a = ?1 AND b = ?12 OR c = '?'"), "a = $1 AND b = $12 OR c = '?'");
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db?x=1"), "postgres://u@h/db?x=1");
+        assert_eq!(redact("postgres://h"), "postgres://h");
+    }
+}
