@@ -66,6 +66,19 @@ pub async fn deliver_with(
     mode: Mode,
     rules: Rules,
 ) -> Report {
+    deliver_across(http, account, &[url], inner, mode, rules).await
+}
+
+/// Delivers one push to a cluster behind a load balancer: attempt `n` goes to
+/// `urls[n % urls.len()]`, so that each retry lands on another node.
+pub async fn deliver_across(
+    http: &Http,
+    account: &Account,
+    urls: &[&str],
+    inner: &str,
+    mode: Mode,
+    rules: Rules,
+) -> Report {
     let mut attempts = Vec::new();
     for n in 0..rules.attempts.max(1) {
         if n > 0 && !rules.retry_interval.is_zero() {
@@ -73,6 +86,7 @@ pub async fn deliver_with(
         }
         let d = account.deliver(inner, mode);
         let started = Instant::now();
+        let url = urls.get(n as usize % urls.len().max(1)).copied().unwrap_or_default();
         let result = http.post(url, &d).await.map(|a| (a.status, a.body));
         let attempt = Attempt { elapsed: started.elapsed(), result };
         let failed = attempt.failed();

@@ -352,7 +352,8 @@ impl Postgres {
         let client = self.client()?;
         let mut tx = client.transaction().map_err(|e| describe(&e))?;
         tx.batch_execute(
-            "SELECT pg_advisory_xact_lock(7873203477);
+            "SET LOCAL client_min_messages = warning;
+             SELECT pg_advisory_xact_lock(7873203477);
              CREATE TABLE IF NOT EXISTS wxgate_schema (version BIGINT NOT NULL)",
         )
         .map_err(|e| describe(&e))?;

@@ -416,17 +416,21 @@ impl Store {
         &self,
         f: impl FnOnce(&mut dyn Db) -> Result<T, String> + Send,
     ) -> Result<Option<T>, StoreError> {
-        let mut slot = lock(&self.shared.reader);
-        if slot.is_none() {
-            *slot = db::open_reader(&self.at)?;
-        }
-        let Some(conn) = slot.as_mut() else { return Ok(None) };
-        let result = off_runtime(&self.at, || f(conn.as_mut()));
-        if result.is_err() {
-            // The server may have gone away: connect afresh next time.
-            *slot = None;
-        }
-        result.map(Some).map_err(StoreError::Read)
+        let mut guard = lock(&self.shared.reader);
+        let slot: &mut Option<Box<dyn Db>> = &mut guard;
+        let at = &self.at;
+        off_runtime(at, || {
+            if slot.is_none() {
+                *slot = db::open_reader(at)?;
+            }
+            let Some(conn) = slot.as_mut() else { return Ok(None) };
+            let result = f(conn.as_mut());
+            if result.is_err() {
+                // The server may have gone away: connect afresh next time.
+                *slot = None;
+            }
+            result.map(Some).map_err(StoreError::Read)
+        })
     }
 
     /// Outbox entries due now: for each follower only the oldest pending one, so that a

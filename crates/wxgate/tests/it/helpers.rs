@@ -101,8 +101,12 @@ impl Server {
 
     /// Every record in the store, as `wxgate events` prints them.
     pub fn records(&self) -> Vec<Value> {
-        let data = wxgate::Config::load(&self.config).unwrap().data_dir;
-        wxgate::store::read_all(&data, None).unwrap().iter().map(wxgate::events::to_json).collect()
+        let at = wxgate::Config::load(&self.config).unwrap().store_location();
+        // PostgreSQL's blocking client may not run inside a test's runtime.
+        let rows = std::thread::scope(|s| {
+            s.spawn(|| wxgate::store::read_all(at, None).unwrap()).join().unwrap()
+        });
+        rows.iter().map(wxgate::events::to_json).collect()
     }
 
     /// Log lines printed so far.

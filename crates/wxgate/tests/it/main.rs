@@ -5,6 +5,7 @@ mod api;
 mod bad_input;
 mod cases;
 mod cli;
+mod cluster;
 mod crash;
 mod demo;
 mod forward;

@@ -1,0 +1,241 @@
+//! Several `wxgate serve` processes over one PostgreSQL database, as behind a load
+//! balancer: each retry of a push lands on another node (the simulator's
+//! `deliver_across`). Every push is handled once, every retry gets the original reply,
+//! and a node killed mid-run loses nothing that was acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::routing::post;
+use serde_json::{Value, json};
+use wxgate::sim::delivery::{Report, Rules, deliver_across};
+use wxgate::sim::{Http, Mode, Seen, compose};
+use wxgate_protocol::Push;
+
+use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, wechat};
+use crate::services::{self, PgDatabase, Service};
+
+const SECRET: &str = "cluster-test-secret";
+
+/// The owner's service: answers `handled KEY`, slowly for texts that say "slow".
+#[derive(Default)]
+struct Hook {
+    deliveries: Mutex<HashMap<String, usize>>,
+}
+
+async fn start_hook() -> (Arc<Hook>, String) {
+    let hook = Arc::new(Hook::default());
+    let h = hook.clone();
+    let app = Router::new().route(
+        "/hook",
+        post(move |body: Bytes| {
+            let h = h.clone();
+            async move {
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                let key = v["dedup_key"].as_str().unwrap().to_owned();
+                *h.deliveries.lock().unwrap().entry(key.clone()).or_default() += 1;
+                if v["xml"].as_str().unwrap_or_default().contains("slow") {
+                    tokio::time::sleep(Duration::from_millis(450)).await;
+                }
+                json!({ "text": format!("handled {key}") }).to_string()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (hook, url)
+}
+
+/// A node's config: the shared database, short leases, forwards held for a retry.
+fn node_config(database: &str, hook: &str) -> String {
+    format!(
+        "database = \"{database}\"\n\
+         [outbox]\npoll_ms = 20\nbackoff_ms = 40\nbackoff_max_ms = 200\nlease_ms = 400\norphan_after_ms = 1500\n\
+         [[accounts]]\nname = \"cl\"\npath = \"/wx\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n\
+         encoding_aes_key = \"{AES_KEY}\"\nmax_timestamp_skew_secs = 0\nforward_secret = \"{SECRET}\"\n\
+         reply_budget_ms = 250\nlate_reply = \"hold_for_retry\"\nwechat_attempts = 3\n\
+         [[accounts.rules]]\nwhen = {{ msg_type = \"text\" }}\nreply = {{ forward = \"{hook}\" }}\n\
+         [[accounts.rules]]\nwhen = {{ event = \"LOCATION\" }}\nreply = {{ forward = {{ url = \"{hook}\", background = true }} }}\n\
+         [[accounts.rules]]\nwhen = {{ event = \"CLICK\" }}\nreply = {{ text = \"clicked {{event_key}}\" }}\n"
+    )
+}
+
+fn start_nodes(n: usize, database: &str, hook: &str) -> Vec<Server> {
+    (0..n).map(|_| Server::start(&node_config(database, hook))).collect()
+}
+
+/// Push `n`: a CLICK (rule reply), a text (forwarded in time, or slowly), a LOCATION
+/// (forwarded in the background).
+fn push(n: u64) -> String {
+    let follower = format!("oClusterFollower{:012}", n % 7);
+    let time = 1_733_330_000 + n;
+    match n % 4 {
+        0 => compose::event(GH, &follower, time, "CLICK", &[("EventKey", &format!("K{n}"))]),
+        1 => compose::text(GH, &follower, time, &format!("fast {n}"), 7_000_000 + n),
+        2 => compose::text(GH, &follower, time, &format!("slow {n}"), 7_000_000 + n),
+        _ => compose::event(GH, &follower, time, "LOCATION", &[("Latitude", "23.1"), ("Longitude", "113.2"), ("Precision", &n.to_string())]),
+    }
+}
+
+/// Delivers pushes `range` to the nodes, the first attempt of push n to node n % 3.
+async fn drive(
+    urls: Arc<Vec<String>>,
+    range: std::ops::Range<u64>,
+    rules: Rules,
+    mut on_push: impl FnMut(u64),
+) -> Vec<(u64, String, String, Report)> {
+    let http = Arc::new(Http::new(rules.deadline));
+    let limit = Arc::new(tokio::sync::Semaphore::new(12));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in range {
+        on_push(n);
+        let (http, urls, permit) = (http.clone(), urls.clone(), limit.clone().acquire_owned().await.unwrap());
+        tasks.spawn(async move {
+            let inner = push(n);
+            let k = urls.len();
+            let order: Vec<&str> = (0..k).map(|i| urls[(n as usize + i) % k].as_str()).collect();
+            let report = deliver_across(&http, &wechat(), &order, &inner, Mode::Safe, rules).await;
+            drop(permit);
+            (n, Push::parse(&inner).unwrap().dedup_key(), inner, report)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        out.push(r.unwrap());
+    }
+    out
+}
+
+fn reply_text(seen: &Seen) -> Option<String> {
+    seen.text().map(str::to_owned)
+}
+
+const RULES: Rules =
+    Rules { deadline: Duration::from_secs(2), attempts: 3, retry_interval: Duration::from_millis(20) };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_across_three_nodes_join_the_first_and_run_once() {
+    if !services::require(Service::Postgres) {
+        return;
+    }
+    let db = PgDatabase::create();
+    let (hook, hook_url) = start_hook().await;
+    let nodes = start_nodes(3, &db.url, &hook_url);
+    let urls = Arc::new(nodes.iter().map(|s| s.url("/wx")).collect::<Vec<_>>());
+
+    const PUSHES: u64 = 120;
+    let results = drive(urls, 0..PUSHES, RULES, |_| {}).await;
+
+    let mut retried_across = 0;
+    for (n, key, inner, report) in &results {
+        let last = report.attempts.last().unwrap();
+        assert!(matches!(last.result, Ok((200, _))), "{key}: {:?}", report.attempts);
+        let text = reply_text(&report.seen);
+        if inner.contains("CLICK") {
+            assert_eq!(text.as_deref(), Some(format!("clicked K{n}").as_str()), "{key}");
+        } else if inner.contains("LOCATION") {
+            assert!(matches!(report.seen, Seen::Nothing), "{key}: {:?}", report.seen);
+        } else {
+            // In time or through a retry that joined another node's forward: the
+            // owner's reply, never a second forward.
+            assert_eq!(text.as_deref(), Some(format!("handled {key}").as_str()), "{key}: {:?}", report);
+            if report.attempts.len() > 1 {
+                retried_across += 1;
+            }
+        }
+    }
+    assert!(retried_across >= 10, "slow forwards were retried on other nodes: {retried_across}");
+
+    // Every forward ran once (background ones may take a moment).
+    let expected: HashSet<String> = results
+        .iter()
+        .filter(|(_, _, inner, _)| !inner.contains("CLICK"))
+        .map(|(_, k, _, _)| k.clone())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let d = hook.deliveries.lock().unwrap().clone();
+        if expected.iter().all(|k| d.contains_key(k)) {
+            for (k, n) in &d {
+                assert_eq!(*n, 1, "{k} forwarded {n} times");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "background forwards missing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // One record per push, with every delivery counted, whichever node took it.
+    let records = nodes[0].records();
+    assert_eq!(records.len(), PUSHES as usize);
+    let deliveries: u64 = records.iter().map(|r| r["deliveries"].as_u64().unwrap()).sum();
+    let attempts: usize = results.iter().map(|(_, _, _, r)| r.attempts.len()).sum();
+    assert_eq!(deliveries, attempts as u64, "every delivery counted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_run_loses_nothing_acknowledged() {
+    if !services::require(Service::Postgres) {
+        return;
+    }
+    let db = PgDatabase::create();
+    let (hook, hook_url) = start_hook().await;
+    let nodes = start_nodes(3, &db.url, &hook_url);
+    let urls = Arc::new(nodes.iter().map(|s| s.url("/wx")).collect::<Vec<_>>());
+    let survivors = [nodes[0].config.clone(), nodes[1].config.clone()];
+    let victim = Arc::new(Mutex::new(nodes.into_iter().collect::<Vec<_>>()));
+
+    const PUSHES: u64 = 150;
+    let v = victim.clone();
+    let results = drive(urls, 0..PUSHES, RULES, move |n| {
+        if n == PUSHES / 3 {
+            // SIGKILL the third node: its sockets close, forwards in flight are cut.
+            let node = v.lock().unwrap().pop().unwrap();
+            node.kill();
+        }
+    })
+    .await;
+    let nodes = victim.lock().unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert!(survivors.contains(&nodes[0].config));
+
+    let acked: Vec<&(u64, String, String, Report)> = results
+        .iter()
+        .filter(|(_, _, _, r)| r.attempts.iter().any(|a| matches!(a.result, Ok((200, _)))))
+        .collect();
+    assert!(acked.len() as u64 >= PUSHES * 9 / 10, "{} of {PUSHES} acknowledged", acked.len());
+
+    // Every acknowledged push is stored exactly once.
+    let records = nodes[0].records();
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *stored.entry(r["dedup_key"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    for (_, key, _, _) in &acked {
+        assert_eq!(stored.get(key), Some(&1), "acknowledged push {key} stored once");
+    }
+    // Every acknowledged forward reached the owner's service, including those whose
+    // node died in the middle (swept to the outbox by a surviving node).
+    let forwarded: Vec<&String> =
+        acked.iter().filter(|(_, _, inner, _)| !inner.contains("CLICK")).map(|(_, k, _, _)| k).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = hook.deliveries.lock().unwrap().clone();
+        let missing: Vec<_> = forwarded.iter().filter(|k| !d.contains_key(**k)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} forwards never arrived, e.g. {:?}", missing.len(), missing[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "cluster kill: {PUSHES} pushes, {} acknowledged, {} records, {} forwards",
+        acked.len(),
+        records.len(),
+        hook.deliveries.lock().unwrap().values().sum::<usize>()
+    );
+}
