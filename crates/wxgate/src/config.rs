@@ -48,6 +48,9 @@ pub struct Config {
     /// PostgreSQL URL of a store shared by several nodes (`postgres://user@host/db`, or
     /// `"${VAR}"`); when not set, the store is SQLite in `data_dir`.
     pub database: Option<String>,
+    /// How often a running server looks for changes to its config file (0: only on
+    /// SIGHUP). Default 5 s.
+    pub reload_secs: u64,
     /// How long a push's key is remembered in memory to recognise WeChat's retries
     /// (they come within about 15 s). The store keeps keys for good. Default 600 s.
     pub dedup_window_secs: u64,
@@ -229,6 +232,7 @@ struct FileConfig {
     metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
     database: Option<String>,
+    reload_secs: Option<u64>,
     dedup_window_secs: Option<u64>,
     dedup_memory_entries: Option<usize>,
     #[serde(default)]
@@ -301,7 +305,13 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
         })?;
-        let mut config = Config::parse(&text)?;
+        Config::from_text(&text, path)
+    }
+
+    /// Parses and checks the text of the file at `path` (which places a relative
+    /// `data_dir`).
+    pub fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::parse(text)?;
         if config.data_dir.is_relative() {
             let base =
                 path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -423,6 +433,7 @@ impl Config {
             allow_from,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
             database,
+            reload_secs: file.reload_secs.unwrap_or(5),
             dedup_window_secs: file.dedup_window_secs.unwrap_or(600),
             dedup_memory_entries,
             accounts,

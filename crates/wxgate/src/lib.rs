@@ -14,6 +14,7 @@ pub mod fields;
 pub mod forward;
 mod handle;
 pub mod http;
+pub mod live;
 pub mod metrics;
 pub mod outbox;
 pub mod rules;
@@ -34,7 +35,7 @@ use tracing::info;
 pub use config::{Config, ConfigError};
 
 use crate::dedup::{Answer, Dedup};
-use crate::http::AccountState;
+use crate::live::{Live, Parts};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -44,6 +45,8 @@ pub struct App {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub dedup: Arc<Dedup>,
+    /// The served accounts, which [`live::watch`] reloads.
+    pub live: Arc<Live>,
 }
 
 impl App {
@@ -103,33 +106,24 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             }
         }),
     );
-    for account in &config.accounts {
-        let state = Arc::new(AccountState {
-            account: account.clone(),
-            store: store.clone(),
-            dedup: dedup.clone(),
-            metrics: metrics.clone(),
-            client: client.clone(),
-            api: account.app_secret.clone().map(|secret| {
-                Arc::new(wechat_api::WechatApi::new(
-                    client.clone(),
-                    &account.api_base,
-                    &account.app_id,
-                    secret,
-                ))
-            }),
-            fates: Default::default(),
-        });
-        let routes = Router::new()
-            .route(&account.path, get(http::verify_url).post(http::receive))
-            .with_state(state);
-        router = router.merge(routes);
-    }
+    let secrets = Arc::new(outbox::Secrets::of(config));
+    let parts = Parts {
+        store: store.clone(),
+        dedup: dedup.clone(),
+        metrics: metrics.clone(),
+        client: client.clone(),
+        secrets: secrets.clone(),
+    };
+    let live = Arc::new(Live::new(config, None, parts));
+    // Every account path: GET verifies the URL, POST is a push. The map of paths is
+    // looked up per request, so that a reload changes it under a running server.
+    let l = live.clone();
+    router = router.fallback(move |req: axum::extract::Request| dispatch(l.clone(), req));
     if tokio::runtime::Handle::try_current().is_ok() {
         if store.shared() {
             // Other nodes may be forwarding right now: only forwards that outlived any
             // forward are orphans, swept by one node at a time.
-            tokio::spawn(sweep_orphaned_forwards(config.clone(), store.clone()));
+            tokio::spawn(sweep_orphaned_forwards(live.clone(), store.clone()));
         } else {
             // This node is the only one: every forward in flight was cut short.
             let interrupted = store::interrupted_forwards(store.location(), i64::MAX)?;
@@ -137,12 +131,26 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
                 tokio::spawn(requeue_interrupted(config.clone(), store.clone(), interrupted));
             }
         }
-        outbox::spawn(config, store.clone(), client);
+        outbox::spawn(config, store.clone(), client, secrets);
         if config.retention.enabled() {
             tokio::spawn(purge_old_records(store.clone(), config.retention.clone()));
         }
     }
-    Ok(App { router, store, metrics, dedup })
+    Ok(App { router, store, metrics, dedup, live })
+}
+
+/// Sends a request to the account at its path.
+async fn dispatch(live: Arc<Live>, req: axum::extract::Request) -> axum::response::Response {
+    use axum::http::{Method, StatusCode, header};
+    use axum::response::IntoResponse;
+    let Some(state) = live.account_at(req.uri().path()) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match *req.method() {
+        Method::GET => http::verify_url(axum::extract::State(state), req).await,
+        Method::POST => http::receive(axum::extract::State(state), req).await,
+        _ => (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "GET,POST")]).into_response(),
+    }
 }
 
 /// This node's name in the cluster's leases: unique per process.
@@ -157,8 +165,8 @@ pub fn node_id() -> &'static str {
 
 /// With a shared store: whichever node holds the `sweep` lease hands the pushes of
 /// forwards whose node died (still `forwarding` after `orphan_after`) to the outbox.
-async fn sweep_orphaned_forwards(config: Config, store: Store) {
-    let cfg = config.outbox;
+async fn sweep_orphaned_forwards(live: Arc<Live>, store: Store) {
+    let cfg = live.config().outbox;
     loop {
         let now = http::unix_ms();
         let until = now + cfg.lease.as_millis() as i64;
@@ -168,7 +176,7 @@ async fn sweep_orphaned_forwards(config: Config, store: Store) {
                 tokio::task::spawn_blocking(move || store::interrupted_forwards(&at, before)).await;
             match found {
                 Ok(Ok(orphans)) if !orphans.is_empty() => {
-                    requeue_interrupted(config.clone(), store.clone(), orphans).await;
+                    requeue_interrupted((*live.config()).clone(), store.clone(), orphans).await;
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot look for orphaned forwards"),
                 _ => {}

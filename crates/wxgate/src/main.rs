@@ -143,7 +143,7 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
     })
 }
 
-fn serve(config: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
+fn serve(path: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -151,7 +151,7 @@ fn serve(config: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = load_config(&config)?;
+    let config = load_config(&path)?;
     let (addrs, shown) = match &listen {
         Some(l) => (wxgate::sim::cli::resolve("--listen", l)?, l.clone()),
         None => (vec![config.listen], config.listen.to_string()),
@@ -159,6 +159,14 @@ fn serve(config: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let app = wxgate::build(&config)?;
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            app.live.seed(&text);
+        }
+        tokio::spawn(wxgate::live::watch(
+            app.live.clone(),
+            path.clone(),
+            std::time::Duration::from_secs(config.reload_secs),
+        ));
         if let Some(addr) = config.metrics_listen {
             let metrics = tokio::net::TcpListener::bind(addr)
                 .await

@@ -26,20 +26,45 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCH: usize = 64;
 
 /// Starts the worker; it runs until the runtime stops.
-pub fn spawn(config: &Config, store: Store, client: Client) -> tokio::task::JoinHandle<()> {
-    let secrets: HashMap<String, Secret> = config
-        .accounts
-        .iter()
-        .filter_map(|a| a.forward_secret.clone().map(|s| (a.name.clone(), s)))
-        .collect();
-    let worker = Worker { store, client, secrets: Arc::new(secrets), cfg: config.outbox };
+pub fn spawn(
+    config: &Config,
+    store: Store,
+    client: Client,
+    secrets: Arc<Secrets>,
+) -> tokio::task::JoinHandle<()> {
+    let worker = Worker { store, client, secrets, cfg: config.outbox };
     tokio::spawn(worker.run())
+}
+
+/// Each account's forward secret, replaced when the config is reloaded.
+#[derive(Default)]
+pub struct Secrets(std::sync::RwLock<Arc<HashMap<String, Secret>>>);
+
+impl Secrets {
+    pub fn of(config: &Config) -> Secrets {
+        let s = Secrets::default();
+        s.replace(config);
+        s
+    }
+
+    pub fn replace(&self, config: &Config) {
+        let map = config
+            .accounts
+            .iter()
+            .filter_map(|a| a.forward_secret.clone().map(|s| (a.name.clone(), s)))
+            .collect();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+    }
+
+    fn current(&self) -> Arc<HashMap<String, Secret>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 struct Worker {
     store: Store,
     client: Client,
-    secrets: Arc<HashMap<String, Secret>>,
+    secrets: Arc<Secrets>,
     cfg: OutboxConfig,
 }
 
@@ -75,7 +100,7 @@ impl Worker {
                 }
                 let (client, secrets, store, cfg, busy) = (
                     self.client.clone(),
-                    self.secrets.clone(),
+                    self.secrets.current(),
                     self.store.clone(),
                     self.cfg,
                     in_flight.clone(),

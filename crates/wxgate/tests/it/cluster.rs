@@ -199,7 +199,7 @@ async fn a_node_killed_mid_run_loses_nothing_acknowledged() {
         }
     })
     .await;
-    let nodes = victim.lock().unwrap();
+    let nodes = std::mem::take(&mut *victim.lock().unwrap());
     assert_eq!(nodes.len(), 2);
     assert!(survivors.contains(&nodes[0].config));
 
@@ -238,4 +238,97 @@ async fn a_node_killed_mid_run_loses_nothing_acknowledged() {
         records.len(),
         hook.deliveries.lock().unwrap().values().sum::<usize>()
     );
+}
+
+/// A config with accounts `(name, path, reply)`: each echoes its reply to any text.
+fn accounts_config(database: &str, accounts: &[(&str, &str, &str)]) -> String {
+    let mut text = format!("database = \"{database}\"\nreload_secs = 1\n");
+    for (name, path, reply) in accounts {
+        text += &format!(
+            "[[accounts]]\nname = \"{name}\"\npath = \"{path}\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n\
+             encoding_aes_key = \"{AES_KEY}\"\nmax_timestamp_skew_secs = 0\n\
+             [[accounts.rules]]\nwhen = {{ msg_type = \"text\" }}\nreply = {{ text = \"{reply}\" }}\n"
+        );
+    }
+    text
+}
+
+/// The text reply a node gives at `path`, or the HTTP status when it refuses.
+async fn ask(server: &Server, path: &str, n: u64) -> Result<String, String> {
+    let inner = compose::text(GH, "oReloadFollower", 1_733_340_000 + n, "hi", 8_000_000 + n);
+    let rules = Rules { deadline: Duration::from_secs(2), attempts: 1, retry_interval: Duration::ZERO };
+    let report = deliver_across(&Http::new(rules.deadline), &wechat(), &[&server.url(path)], &inner, Mode::Safe, rules).await;
+    match &report.attempts[0].result {
+        Ok((200, _)) => report.seen.text().map(str::to_owned).ok_or_else(|| format!("{:?}", report.seen)),
+        Ok((status, _)) => Err(status.to_string()),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// Waits (bounded) until `check` holds for the node's answer at `path`.
+async fn until_answer(server: &Server, path: &str, want: Result<&str, &str>) {
+    // Every question is a new push: a repeated one would get its recorded answer.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let got = ask(server, path, n).await;
+        if got.as_deref().map_err(String::as_str) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}{path}: still {got:?}, want {want:?}; log: {:?}",
+            server.port,
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_change_on_every_running_node_without_a_restart() {
+    if !services::require(Service::Postgres) {
+        return;
+    }
+    let db = PgDatabase::create();
+    let first = accounts_config(&db.url, &[("a", "/a", "reply a1")]);
+    let nodes: Vec<Server> = (0..3).map(|_| Server::start(&first)).collect();
+    for node in &nodes {
+        until_answer(node, "/a", Ok("reply a1")).await;
+        until_answer(node, "/b", Err("404")).await;
+    }
+    // Configuration management writes the same file on every node: an account added,
+    // one changed. Every node serves both within its check interval.
+    let second = accounts_config(&db.url, &[("a", "/a", "reply a2"), ("b", "/b", "reply b1")]);
+    for node in &nodes {
+        std::fs::write(&node.config, format!("data_dir = \"data\"\n{second}")).unwrap();
+    }
+    for node in &nodes {
+        until_answer(node, "/a", Ok("reply a2")).await;
+        until_answer(node, "/b", Ok("reply b1")).await;
+    }
+    // A broken file changes nothing and says why.
+    for node in &nodes {
+        std::fs::write(&node.config, format!("data_dir = \"data\"\n{second}\n[[accounts]]\nname = 3\n")).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for node in &nodes {
+        until_answer(node, "/b", Ok("reply b1")).await;
+        let logs = node.logs();
+        assert!(logs.iter().any(|l| l.contains("config not reloaded")), "{logs:?}");
+    }
+    // Removed: no longer served. SIGHUP reloads at once, whatever the interval.
+    let third = accounts_config(&db.url, &[("b", "/b", "reply b1")]).replace("reload_secs = 1", "reload_secs = 0");
+    for node in &nodes {
+        std::fs::write(&node.config, format!("data_dir = \"data\"\n{third}")).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for node in &nodes {
+        let _ = std::process::Command::new("kill").args(["-HUP", &node.pid().to_string()]).status();
+    }
+    for node in &nodes {
+        until_answer(node, "/a", Err("404")).await;
+        until_answer(node, "/b", Ok("reply b1")).await;
+    }
 }
