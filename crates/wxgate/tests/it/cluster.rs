@@ -332,3 +332,61 @@ async fn accounts_change_on_every_running_node_without_a_restart() {
         until_answer(node, "/b", Ok("reply b1")).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopping_under_load_fails_deliveries_and_recovers_by_itself() {
+    let Some(pg) = services::PrivatePostgres::start() else { return };
+    let config = accounts_config(&pg.url, &[("a", "/a", "stored")]);
+    let node = Server::start(&config);
+    let rules = Rules { deadline: Duration::from_secs(3), attempts: 1, retry_interval: Duration::ZERO };
+    let http = Http::new(rules.deadline);
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    let send = |n: u64| {
+        let inner = compose::text(GH, "oOutageFollower", 1_733_350_000 + n, "hi", 9_000_000 + n);
+        let key = Push::parse(&inner).unwrap().dedup_key();
+        let (http, url) = (&http, node.url("/a"));
+        async move {
+            let r = deliver_across(http, &wechat(), &[&url], &inner, Mode::Safe, rules).await;
+            (key, r.attempts[0].result.clone())
+        }
+    };
+    let mut n = 0;
+    // Up: answered. Down: refused with 503, so that WeChat delivers again. Up again:
+    // answered, without a restart of wxgate.
+    for phase in ["up", "down", "up again"] {
+        match phase {
+            "down" => pg.down(),
+            "up again" => pg.up(),
+            _ => {}
+        }
+        let until = Instant::now() + Duration::from_millis(600);
+        while Instant::now() < until {
+            n += 1;
+            let (key, result) = send(n).await;
+            match (phase, result) {
+                (_, Ok((200, _))) => {
+                    assert_ne!(phase, "down", "acknowledged while the database was down");
+                    acked.push(key);
+                }
+                ("down", Ok((503, _))) => refused += 1,
+                // The first pushes after the restart may still meet the old connection.
+                ("up again", Ok((503, _))) => {}
+                (_, other) => panic!("{phase}: push {n}: {other:?}"),
+            }
+        }
+    }
+    assert!(refused > 0, "pushes during the outage were refused");
+    assert!(acked.len() > 4, "{acked:?}");
+    // Acknowledged means stored, also across the outage.
+    let stored: HashSet<String> =
+        node.records().iter().map(|r| r["dedup_key"].as_str().unwrap().to_owned()).collect();
+    for key in &acked {
+        assert!(stored.contains(key), "acknowledged {key} is not stored");
+    }
+    // One error line for the outage, one line for the recovery.
+    let logs = node.logs();
+    let errors = logs.iter().filter(|l| l.contains("store cannot write")).count();
+    let recoveries = logs.iter().filter(|l| l.contains("store recovered")).count();
+    assert_eq!((errors, recoveries), (1, 1), "{logs:#?}");
+}

@@ -5,6 +5,8 @@
 //! when set.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -107,4 +109,108 @@ pub fn admin(sql: &str) {
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p));
     });
+}
+
+/// A PostgreSQL server of the test's own, on a spare port, for tests that stop and start
+/// the database; the shared one stays up. Stopped and deleted on drop.
+pub struct PrivatePostgres {
+    pub url: String,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// Creates and starts one; `None` (with a line saying why) where PostgreSQL's
+    /// programs are not installed, a failure under `CI=true`.
+    pub fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| versions.filter_map(Result::ok).map(|v| v.path().join("bin")).find(|b| b.join("initdb").exists()));
+        let Some(bin) = bin else {
+            let message = "PostgreSQL's programs (initdb, pg_ctl) are not installed";
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{message}");
+            }
+            eprintln!("skipped: {message}");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        // PostgreSQL will not run as root: as root, its files and processes belong to
+        // the `postgres` user.
+        if is_root() {
+            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()));
+        }
+        run(as_owner(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data));
+        let pg = PrivatePostgres {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            bin,
+            port,
+        };
+        pg.up();
+        Some(pg)
+    }
+
+    /// Starts the server (again), waiting until it accepts connections.
+    pub fn up(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        run(as_owner(&self.bin.join("pg_ctl"))
+            .args(["-w", "-t", "30", "-o", &options, "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("start"));
+    }
+
+    /// Stops the server at once, as a crash would.
+    pub fn down(&self) {
+        run(as_owner(&self.bin.join("pg_ctl"))
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("stop"));
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = as_owner(&self.bin.join("pg_ctl"))
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("stop")
+            .output();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+fn as_owner(program: &std::path::Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(command: &mut Command) {
+    let out = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
