@@ -15,6 +15,7 @@ pub mod forward;
 mod handle;
 pub mod http;
 pub mod metrics;
+pub mod nats;
 pub mod outbox;
 pub mod rules;
 pub mod sim;
@@ -70,7 +71,8 @@ impl App {
 
 /// Opens the store, warms the retry window from it and builds the routes: one path per
 /// account (GET verification, POST pushes), `/healthz` and `/readyz`. Called inside a
-/// Tokio runtime, it also starts the outbox worker.
+/// Tokio runtime, it also starts the outbox worker and, when configured, the connection
+/// to NATS (in the background: NATS need not be up for pushes to be taken).
 pub fn build(config: &Config) -> Result<App, StoreError> {
     let store = Store::open(&config.data_dir)?;
     let window = Duration::from_secs(config.dedup_window_secs);
@@ -85,6 +87,12 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
         let key = format!("{}\u{0}{}", k.account, k.dedup_key);
         dedup.remember(&key, Answer { reply: k.reply.as_deref().map(Arc::from) });
     }
+
+    let runtime = tokio::runtime::Handle::try_current().is_ok();
+    let publisher = match &config.nats {
+        Some(nats) if runtime => Some(nats::Publisher::start(nats, metrics.clone())),
+        _ => None,
+    };
 
     // /healthz: the process serves. /readyz: the store commits, so pushes can be taken.
     let probe = store.clone();
@@ -118,6 +126,7 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
                     secret,
                 ))
             }),
+            nats: publisher.clone().filter(|_| account.publish != config::Publish::Off),
             fates: Default::default(),
         });
         let routes = Router::new()
@@ -126,11 +135,11 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
         router = router.merge(routes);
     }
     let interrupted = store::interrupted_forwards(&config.data_dir)?;
-    if tokio::runtime::Handle::try_current().is_ok() {
+    if runtime {
         if !interrupted.is_empty() {
             tokio::spawn(requeue_interrupted(config.clone(), store.clone(), interrupted));
         }
-        outbox::spawn(config, store.clone(), client);
+        outbox::spawn(config, store.clone(), client, publisher);
         if config.retention.enabled() {
             tokio::spawn(purge_old_records(store.clone(), config.retention.clone()));
         }

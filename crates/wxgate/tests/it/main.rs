@@ -10,6 +10,7 @@ mod demo;
 mod forward;
 mod helpers;
 mod hostile;
+mod nats;
 mod ops;
 mod services;
 mod sim;
