@@ -191,6 +191,18 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A server URL without the credentials it may carry (`user:password@`), for logs.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
+    match path {
+        Some(path) => format!("{scheme}{host}/{path}"),
+        None => format!("{scheme}{host}"),
+    }
+}
+
 /// One Official Account served on its own path.
 #[derive(Debug, Clone)]
 pub struct Account {
@@ -805,6 +817,15 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
         );
         assert!(err(&with("stream = \"S\"", "")).contains("missing field `url`"));
         assert!(err(&format!("redis = \"http://x\"\n{BASE}")).starts_with("redis:"));
+    }
+
+    #[test]
+    fn urls_in_logs_carry_no_credentials() {
+        assert_eq!(redacted_url("redis://:hunter2@10.0.0.5:6379/0"), "redis://10.0.0.5:6379/0");
+        assert_eq!(redacted_url("nats://u:p@127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redacted_url("u:p@127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(redacted_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        assert_eq!(redacted_url("redis://h/a@b"), "redis://h/a@b");
     }
 
     #[test]

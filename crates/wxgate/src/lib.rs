@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod nats;
 pub mod outbox;
 pub mod rules;
+pub mod shared_token;
 pub mod sim;
 pub mod status;
 pub mod store;
@@ -71,8 +72,8 @@ impl App {
 
 /// Opens the store, warms the retry window from it and builds the routes: one path per
 /// account (GET verification, POST pushes), `/healthz` and `/readyz`. Called inside a
-/// Tokio runtime, it also starts the outbox worker and, when configured, the connection
-/// to NATS (in the background: NATS need not be up for pushes to be taken).
+/// Tokio runtime, it also starts the outbox worker and, when configured, the connections
+/// to NATS and Redis (in the background: neither has to be up for pushes to be taken).
 pub fn build(config: &Config) -> Result<App, StoreError> {
     let store = Store::open(&config.data_dir)?;
     let window = Duration::from_secs(config.dedup_window_secs);
@@ -91,6 +92,10 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
     let runtime = tokio::runtime::Handle::try_current().is_ok();
     let publisher = match &config.nats {
         Some(nats) if runtime => Some(nats::Publisher::start(nats, metrics.clone())),
+        _ => None,
+    };
+    let shared_tokens = match &config.redis {
+        Some(url) if runtime => Some(shared_token::SharedTokens::new(url)),
         _ => None,
     };
 
@@ -119,12 +124,13 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
             metrics: metrics.clone(),
             client: client.clone(),
             api: account.app_secret.clone().map(|secret| {
-                Arc::new(wechat_api::WechatApi::new(
+                let api = wechat_api::WechatApi::new(
                     client.clone(),
                     &account.api_base,
                     &account.app_id,
                     secret,
-                ))
+                );
+                Arc::new(api.shared_through(shared_tokens.clone()))
             }),
             nats: publisher.clone().filter(|_| account.publish != config::Publish::Off),
             fates: Default::default(),

@@ -126,13 +126,7 @@ impl Publisher {
 
     /// The server's address without credentials, for logs.
     fn shown_url(&self) -> String {
-        let url = self.cfg.url.expose();
-        match url.split_once("://") {
-            Some((scheme, rest)) => {
-                format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host))
-            }
-            None => url.rsplit_once('@').map_or(url, |(_, host)| host).to_owned(),
-        }
+        crate::config::redacted_url(self.cfg.url.expose())
     }
 
     async fn connect(self: Arc<Self>) {

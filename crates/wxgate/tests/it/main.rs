@@ -12,5 +12,6 @@ mod helpers;
 mod hostile;
 mod nats;
 mod ops;
+mod redis;
 mod services;
 mod sim;
