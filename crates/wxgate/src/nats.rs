@@ -166,7 +166,7 @@ impl Publisher {
         if !connected && !self.down.swap(true, Ordering::SeqCst) {
             warn!(
                 url = %self.shown_url(),
-                "NATS is not reachable; pushes are still accepted, and their publishes wait in the outbox (or get 503 before the reply) until it is"
+                "NATS is not reachable; pushes are still accepted: background publishes wait in the outbox, deliveries that publish before the reply get 503, until it is back"
             );
         }
         if connected {
@@ -187,7 +187,7 @@ impl Publisher {
                 }
             }
             async_nats::Event::Disconnected if !self.down.swap(true, Ordering::SeqCst) => {
-                warn!(url = %self.shown_url(), "NATS connection lost; publishes wait in the outbox (or get 503 before the reply) until it is back");
+                warn!(url = %self.shown_url(), "NATS connection lost; background publishes wait in the outbox, deliveries that publish before the reply get 503, until it is back");
             }
             _ => {}
         }
