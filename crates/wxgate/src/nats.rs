@@ -102,6 +102,8 @@ pub struct Publisher {
     js: OnceCell<jetstream::Context>,
     /// The stream was found or created since the last connection.
     stream_ready: AtomicBool,
+    /// The stream has been looked for at least once (so start-up need not).
+    looked: AtomicBool,
     ensuring: tokio::sync::Mutex<()>,
     /// An outage has been logged and its end has not.
     down: AtomicBool,
@@ -116,6 +118,7 @@ impl Publisher {
             cfg: cfg.clone(),
             js: OnceCell::new(),
             stream_ready: AtomicBool::new(false),
+            looked: AtomicBool::new(false),
             ensuring: tokio::sync::Mutex::new(()),
             down: AtomicBool::new(false),
             metrics,
@@ -169,7 +172,8 @@ impl Publisher {
                 "NATS is not reachable; pushes are still accepted: background publishes wait in the outbox, deliveries that publish before the reply get 503, until it is back"
             );
         }
-        if connected {
+        // Normally the connection event has looked for the stream already.
+        if connected && !self.looked.load(Ordering::SeqCst) {
             let _ = self.ensure_stream(true).await;
         }
     }
@@ -201,6 +205,7 @@ impl Publisher {
         if self.stream_ready.load(Ordering::SeqCst) {
             return Ok(());
         }
+        self.looked.store(true, Ordering::SeqCst);
         let found = tokio::time::timeout(ENSURE_TIMEOUT, async {
             use jetstream::context::GetStreamErrorKind;
             let missing = |kind: &GetStreamErrorKind| {
