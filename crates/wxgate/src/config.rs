@@ -3,8 +3,9 @@
 //! field that causes it, e.g. `accounts[0].encoding_aes_key: must be 43 characters, got 42`.
 //!
 //! Secrets need not sit in the file: any of `app_id`, `token`, `encoding_aes_key`,
-//! `previous_token` and `previous_encoding_aes_key` may be written `"${VAR}"`, and is then
-//! read from the environment variable `VAR` at start-up.
+//! `previous_token`, `previous_encoding_aes_key`, `app_secret`, `forward_secret`,
+//! `nats.url` and `redis` may be written `"${VAR}"`, and is then read from the
+//! environment variable `VAR` at start-up.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -62,7 +63,39 @@ pub struct Config {
     /// When not empty, only connections from these networks are served (WeChat's
     /// callback addresses, from its `getcallbackip` API); others are closed at once.
     pub allow_from: Vec<Network>,
+    /// Where pushes are published (`[nats]`); off when not set.
+    pub nats: Option<NatsConfig>,
+    /// Redis URL through which every node shares each account's access token; each node
+    /// keeps its own when not set.
+    pub redis: Option<Secret>,
     pub accounts: Vec<Account>,
+}
+
+/// NATS JetStream, where every push is published for downstream consumers (`[nats]`).
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL, `nats://host:port`; it may carry credentials, so it is kept secret.
+    pub url: Secret,
+    /// The stream, created at start-up if absent. Default `WXGATE`.
+    pub stream: String,
+    /// First tokens of every subject, `{prefix}.{account}.{kind}`. Default `wxgate`.
+    pub subject_prefix: String,
+    /// How long the stream keeps a message, when it is created here; zero keeps them for
+    /// good. Default 7 days.
+    pub max_age: Duration,
+    /// How long JetStream remembers a `Nats-Msg-Id` and drops a second message with it.
+    /// Default 120 s.
+    pub duplicate_window: Duration,
+}
+
+/// When an account's pushes are published to NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publish {
+    Off,
+    /// Through the outbox, written with the push; WeChat is answered at once.
+    Background,
+    /// Before WeChat is answered: the answer waits for JetStream's ack.
+    BeforeReply,
 }
 
 /// Limits of the HTTP listener.
@@ -164,6 +197,18 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A server URL without the credentials it may carry (`user:password@`), for logs.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
+    match path {
+        Some(path) => format!("{scheme}{host}/{path}"),
+        None => format!("{scheme}{host}"),
+    }
+}
+
 /// One Official Account served on its own path.
 #[derive(Debug, Clone)]
 pub struct Account {
@@ -192,6 +237,8 @@ pub struct Account {
     pub forward_secret: Option<Secret>,
     /// Deliveries WeChat makes of one push (3); the last held one is answered `success`.
     pub wechat_attempts: u32,
+    /// Publishing to NATS: `background` by default when `[nats]` is set, else off.
+    pub publish: Publish,
 }
 
 /// The fate of a forward's reply that is not ready within the reply budget.
@@ -243,8 +290,20 @@ struct FileConfig {
     http: FileHttp,
     #[serde(default)]
     allow_from: Vec<String>,
+    nats: Option<FileNats>,
+    redis: Option<String>,
     #[serde(default)]
     accounts: Vec<FileAccount>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNats {
+    url: String,
+    stream: Option<String>,
+    subject_prefix: Option<String>,
+    max_age_days: Option<f64>,
+    duplicate_window_secs: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -294,6 +353,7 @@ struct FileAccount {
     api_base: Option<String>,
     forward_secret: Option<String>,
     wechat_attempts: Option<u32>,
+    publish: Option<String>,
     #[serde(default)]
     rules: Vec<RuleFile>,
 }
@@ -339,11 +399,21 @@ impl Config {
         if file.accounts.is_empty() {
             return Err(ConfigError::new("accounts", "at least one [[accounts]] is required"));
         }
+        let nats = file.nats.map(NatsConfig::check).transpose()?;
+        let redis = match file.redis {
+            Some(url) => {
+                let url = token(&url, "redis")?;
+                redis::IntoConnectionInfo::into_connection_info(url.expose())
+                    .map_err(|e| ConfigError::new("redis", e))?;
+                Some(url)
+            }
+            None => None,
+        };
         let mut names = HashSet::new();
         let mut paths = HashSet::new();
         let mut accounts = Vec::new();
         for (i, a) in file.accounts.into_iter().enumerate() {
-            let account = Account::check(a, &format!("accounts[{i}]"))?;
+            let account = Account::check(a, &format!("accounts[{i}]"), nats.is_some())?;
             if !names.insert(account.name.clone()) {
                 return Err(ConfigError::new(
                     format!("accounts[{i}].name"),
@@ -431,6 +501,8 @@ impl Config {
             retention,
             http,
             allow_from,
+            nats,
+            redis,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("wxgate-data")),
             database,
             reload_secs: file.reload_secs.unwrap_or(5),
@@ -455,8 +527,67 @@ impl Config {
     }
 }
 
+impl NatsConfig {
+    fn check(n: FileNats) -> Result<NatsConfig, ConfigError> {
+        let url = token(&n.url, "nats.url")?;
+        url.expose()
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|e| ConfigError::new("nats.url", e))?;
+
+        // JetStream refuses '.', wildcards, whitespace and path separators in a name.
+        let stream = n.stream.unwrap_or_else(|| "WXGATE".into());
+        if stream.is_empty()
+            || !stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::new(
+                "nats.stream",
+                format!("use letters, digits, '_' or '-' (not empty), not {stream:?}"),
+            ));
+        }
+        let subject_prefix = n.subject_prefix.unwrap_or_else(|| "wxgate".into());
+        let token_ok = |t: &str| {
+            !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && !b"*>".contains(&b))
+        };
+        if !subject_prefix.split('.').all(token_ok) {
+            return Err(ConfigError::new(
+                "nats.subject_prefix",
+                format!(
+                    "must be subject tokens joined by '.', without spaces, '*' or '>', not {subject_prefix:?}"
+                ),
+            ));
+        }
+
+        let max_age = match n.max_age_days.unwrap_or(7.0) {
+            0.0 => Duration::ZERO,
+            d if d.is_finite() && d > 0.0 => Duration::from_secs_f64(d * 86_400.0),
+            _ => {
+                return Err(ConfigError::new(
+                    "nats.max_age_days",
+                    "must be a positive number of days (fractions allowed), or 0 for no limit",
+                ));
+            }
+        };
+        let duplicate_window = match n.duplicate_window_secs.unwrap_or(120.0) {
+            s if s.is_finite() && s >= 1.0 => Duration::from_secs_f64(s),
+            _ => {
+                return Err(ConfigError::new(
+                    "nats.duplicate_window_secs",
+                    "must be at least 1 (WeChat retries within about 15 s)",
+                ));
+            }
+        };
+        if !max_age.is_zero() && duplicate_window > max_age {
+            return Err(ConfigError::new(
+                "nats.duplicate_window_secs",
+                "must not be longer than max_age_days (JetStream refuses such a stream)",
+            ));
+        }
+        Ok(NatsConfig { url, stream, subject_prefix, max_age, duplicate_window })
+    }
+}
+
 impl Account {
-    fn check(a: FileAccount, at: &str) -> Result<Account, ConfigError> {
+    fn check(a: FileAccount, at: &str, nats: bool) -> Result<Account, ConfigError> {
         let field = |name: &str| format!("{at}.{name}");
         if a.name.is_empty()
             || !a.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -564,6 +695,22 @@ impl Account {
         if !(1..=10).contains(&wechat_attempts) {
             return Err(ConfigError::new(field("wechat_attempts"), "must be between 1 and 10"));
         }
+        let publish = match a.publish.as_deref() {
+            None if nats => Publish::Background,
+            None => Publish::Off,
+            Some(_) if !nats => {
+                return Err(ConfigError::new(field("publish"), "needs a [nats] table"));
+            }
+            Some("off") => Publish::Off,
+            Some("background") => Publish::Background,
+            Some("before_reply") => Publish::BeforeReply,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    field("publish"),
+                    format!("use off, background or before_reply, not {other:?}"),
+                ));
+            }
+        };
 
         Ok(Account {
             name: a.name,
@@ -581,6 +728,7 @@ impl Account {
             api_base,
             forward_secret,
             wechat_attempts,
+            publish,
         })
     }
 }
@@ -681,6 +829,55 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
             err(&format!("allow_from = [\"nope\"]\n{BASE}")),
             "allow_from[0]: \"nope\" is not an IP address or network"
         );
+    }
+
+    #[test]
+    fn nats_and_redis_settings_are_checked() {
+        let c = Config::parse(BASE).unwrap();
+        assert!(c.nats.is_none() && c.redis.is_none());
+        assert_eq!(c.accounts[0].publish, Publish::Off);
+
+        let with = |nats: &str, account: &str| {
+            format!("redis = \"redis://127.0.0.1:6379/\"\n[nats]\n{nats}\n{BASE}{account}")
+        };
+        let c = Config::parse(&with("url = \"nats://127.0.0.1:4222\"", "")).unwrap();
+        let n = c.nats.unwrap();
+        assert_eq!((n.stream.as_str(), n.subject_prefix.as_str()), ("WXGATE", "wxgate"));
+        assert_eq!(n.max_age, Duration::from_secs(7 * 86_400));
+        assert_eq!(n.duplicate_window, Duration::from_secs(120));
+        assert_eq!(c.accounts[0].publish, Publish::Background, "the default with [nats]");
+        assert_eq!(format!("{:?}", c.redis), "Some(<redacted>)");
+
+        let before = with("url = \"nats://127.0.0.1:4222\"", "publish = \"before_reply\"");
+        assert_eq!(Config::parse(&before).unwrap().accounts[0].publish, Publish::BeforeReply);
+        assert_eq!(
+            err(&format!("{BASE}publish = \"background\"")),
+            "accounts[0].publish: needs a [nats] table"
+        );
+        assert!(
+            err(&with("url = \"nats://x\"", "publish = \"sometimes\""))
+                .starts_with("accounts[0].publish: use off, background or before_reply")
+        );
+        assert!(err(&with("url = \"nats://x\"\nstream = \"a.b\"", "")).starts_with("nats.stream:"));
+        assert!(
+            err(&with("url = \"nats://x\"\nsubject_prefix = \"a..b\"", ""))
+                .starts_with("nats.subject_prefix:")
+        );
+        assert!(
+            err(&with("url = \"nats://x\"\nmax_age_days = 0.001", ""))
+                .starts_with("nats.duplicate_window_secs: must not be longer")
+        );
+        assert!(err(&with("stream = \"S\"", "")).contains("missing field `url`"));
+        assert!(err(&format!("redis = \"http://x\"\n{BASE}")).starts_with("redis:"));
+    }
+
+    #[test]
+    fn urls_in_logs_carry_no_credentials() {
+        assert_eq!(redacted_url("redis://:hunter2@10.0.0.5:6379/0"), "redis://10.0.0.5:6379/0");
+        assert_eq!(redacted_url("nats://u:p@127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redacted_url("u:p@127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(redacted_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        assert_eq!(redacted_url("redis://h/a@b"), "redis://h/a@b");
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //!
 //! In every path WeChat's retries never run a rule or a forward again: they join the
 //! delivery in flight or get the recorded answer.
+//!
+//! An account that publishes to NATS adds, in every path: in the background, a `nats:`
+//! outbox entry written with the record; before the reply, a publish that runs beside
+//! the answer, every delivery of the push (JetStream drops the second copy by its
+//! `Nats-Msg-Id`). A delivery whose publish fails queues it in the outbox and is refused
+//! with 503, so that WeChat delivers again and the retry publishes again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,11 +30,12 @@ use tracing::{debug, info, warn};
 use wxgate_protocol::push::{Event, Kind, PushError};
 use wxgate_protocol::{Push, Reply, reply, xml};
 
-use crate::config::LateReply;
+use crate::config::{LateReply, Publish};
 use crate::dedup::{Answer, Claim, Guard};
 use crate::fields;
 use crate::forward::{self, ForwardError};
 use crate::http::{AccountState, Outcome, Rejection, unix_ms, unix_now};
+use crate::nats::{self, Publisher};
 use crate::rules::{self, Action};
 use crate::store::{Inserted, NewRecord, OutboxEntry, Status, Update};
 use crate::wechat_api::ApiError;
@@ -43,8 +50,32 @@ const LATE_SEND_ATTEMPTS: u32 = 3;
 const WECHAT_DEADLINE: Duration = Duration::from_secs(5);
 
 impl AccountState {
-    /// De-duplicates, answers and records a typed push.
+    /// De-duplicates, answers and records a typed push; publishes it to NATS before the
+    /// answer when the account asks for that.
     pub(crate) async fn handle(
+        self: &Arc<Self>,
+        push: &Push,
+        doc: &str,
+        encrypted: bool,
+        started: Instant,
+    ) -> Result<(Outcome, Answer, &'static str), Rejection> {
+        match &self.nats {
+            Some(nats) if self.account.publish == Publish::BeforeReply => {
+                // Side by side: the ack and the store's commit take their time together.
+                let key = push.dedup_key();
+                let (answered, published) = tokio::join!(
+                    self.answer(push, doc, encrypted, started),
+                    self.publish_now(nats, push, doc, &key, started),
+                );
+                let answered = answered?;
+                published?;
+                Ok(answered)
+            }
+            _ => self.answer(push, doc, encrypted, started).await,
+        }
+    }
+
+    async fn answer(
         self: &Arc<Self>,
         push: &Push,
         doc: &str,
@@ -53,26 +84,30 @@ impl AccountState {
     ) -> Result<(Outcome, Answer, &'static str), Rejection> {
         let kind = push.kind_name();
         let key = push.dedup_key();
+        let published = self.background_publish(push, doc, &key);
         let (outcome, answer) = match rules::answer(&self.account.rules, push) {
             Action::Reply(reply) => {
                 let xml = self.render(push, &reply);
                 self.once(&key, started, || {
-                    self.record(push, doc, encrypted, &key, xml, Status::Answered, Vec::new())
+                    let outbox = published.into_iter().collect();
+                    self.record(push, doc, encrypted, &key, xml, Status::Answered, outbox)
                 })
                 .await?
             }
             Action::Forward { url, background } if background || !can_reply(push) => {
-                let outbox = OutboxEntry {
+                let forward = OutboxEntry {
                     url,
                     payload: forward::payload(&self.account.name, &key, push, doc, None),
                 };
                 self.once(&key, started, || {
-                    self.record(push, doc, encrypted, &key, None, Status::Answered, vec![outbox])
+                    let outbox = std::iter::once(forward).chain(published).collect();
+                    self.record(push, doc, encrypted, &key, None, Status::Answered, outbox)
                 })
                 .await?
             }
             Action::Forward { url, .. } => {
-                self.forward_in_time(push, doc, encrypted, &key, &url, started).await?
+                let outbox = published.into_iter().collect();
+                self.forward_in_time(push, doc, encrypted, &key, &url, outbox, started).await?
             }
         };
         if let (Outcome::Handled, Kind::Event(Event::UserAuthorization { event, open_id, .. })) =
@@ -96,6 +131,52 @@ impl AccountState {
             }
         }
         Ok((outcome, answer, kind))
+    }
+
+    /// The outbox entry that publishes the push to NATS, when the account publishes in
+    /// the background.
+    fn background_publish(&self, push: &Push, doc: &str, key: &str) -> Option<OutboxEntry> {
+        let nats = self.nats.as_ref().filter(|_| self.account.publish == Publish::Background)?;
+        Some(OutboxEntry {
+            url: format!("{}{}", nats::SCHEME, nats.subject(&self.account.name, push.kind_name())),
+            payload: forward::payload(&self.account.name, key, push, doc, None),
+        })
+    }
+
+    /// Publishes the push and waits for JetStream's ack, within the reply budget. On
+    /// failure the publish is queued in the outbox (so that it happens at least once, even
+    /// if WeChat gives up) and the delivery is refused, so that WeChat delivers again.
+    async fn publish_now(
+        &self,
+        nats: &Publisher,
+        push: &Push,
+        doc: &str,
+        key: &str,
+        started: Instant,
+    ) -> Result<(), Rejection> {
+        let account = self.account.name.as_str();
+        let subject = nats.subject(account, push.kind_name());
+        let payload = forward::payload(account, key, push, doc, None);
+        let budget =
+            (started + self.account.reply_budget).saturating_duration_since(Instant::now());
+        let id = nats::msg_id(account, key);
+        let body = bytes::Bytes::from(payload.clone());
+        let Err(e) =
+            nats.publish(account, nats::Via::BeforeReply, &subject, &id, body, budget).await
+        else {
+            return Ok(());
+        };
+
+        let entry = OutboxEntry { url: format!("{}{subject}", nats::SCHEME), payload };
+        match self.store.enqueue(account, key, &push.from, entry).await {
+            Ok(()) => {
+                warn!(account, kind = push.kind_name(), error = %e, "publish before the reply failed; queued in the outbox, and the delivery refused so that WeChat delivers again")
+            }
+            Err(q) => {
+                warn!(account, kind = push.kind_name(), error = %e, queue_error = %q, "publish before the reply failed and could not be queued; the delivery refused so that WeChat delivers again")
+            }
+        }
+        Err(Rejection::PublishFailed)
     }
 
     /// Records an authentic push that could not be understood; it is answered `success`.
@@ -220,7 +301,9 @@ impl AccountState {
     }
 
     /// Forwards the push and answers with the service's reply if it comes within the
-    /// budget; see the module doc for what happens when it does not.
+    /// budget; see the module doc for what happens when it does not. `outbox` goes with
+    /// the record.
+    #[allow(clippy::too_many_arguments)]
     async fn forward_in_time(
         self: &Arc<Self>,
         push: &Push,
@@ -228,10 +311,12 @@ impl AccountState {
         encrypted: bool,
         key: &str,
         url: &str,
+        outbox: Vec<OutboxEntry>,
         started: Instant,
     ) -> Result<(Outcome, Answer), Rejection> {
         let full = self.full_key(key);
         let deadline = started + self.account.reply_budget;
+        let mut outbox = Some(outbox);
         loop {
             match self.dedup.claim(&full) {
                 Claim::Done(answer) => {
@@ -248,8 +333,9 @@ impl AccountState {
                 }
                 Claim::New(guard) => {
                     // Durable first: the push is kept even if the service never answers.
+                    let outbox = outbox.take().unwrap_or_default();
                     let record =
-                        self.record(push, doc, encrypted, key, None, Status::Forwarding, Vec::new());
+                        self.record(push, doc, encrypted, key, None, Status::Forwarding, outbox);
                     // New, or an earlier forward failed or was cut short by a restart:
                     // forward (again). Answered before: that answer.
                     match self.store.insert(record).await? {
@@ -316,7 +402,8 @@ impl AccountState {
     ) -> Option<Result<(Outcome, Answer), Rejection>> {
         let mut deliveries = 0;
         loop {
-            let (store, account, k) = (self.store.clone(), self.account.name.clone(), key.to_owned());
+            let (store, account, k) =
+                (self.store.clone(), self.account.name.clone(), key.to_owned());
             let standing = tokio::task::spawn_blocking(move || store.answer_of(&account, &k)).await;
             if let Ok(Ok(Some(standing))) = standing {
                 deliveries = standing.deliveries;

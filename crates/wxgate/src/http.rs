@@ -49,6 +49,8 @@ pub struct AccountState {
     pub client: Client,
     /// The WeChat API, when the account has an `app_secret`.
     pub api: Option<Arc<WechatApi>>,
+    /// NATS, when the account publishes its pushes.
+    pub nats: Option<Arc<crate::nats::Publisher>>,
     /// Forwards whose reply raced its deadline (see [`crate::handle`]).
     pub(crate) fates: Mutex<HashMap<String, crate::handle::Fate>>,
 }
@@ -92,6 +94,8 @@ pub enum Rejection {
     StillInFlight,
     #[error("the owner's service did not answer; WeChat may deliver again")]
     ForwardFailed,
+    #[error("the push is not in NATS yet; WeChat may deliver again")]
+    PublishFailed,
 }
 
 impl Rejection {
@@ -119,6 +123,7 @@ impl Rejection {
             Store(_) => "store_unavailable",
             StillInFlight => "still_in_flight",
             ForwardFailed => "forward_failed",
+            PublishFailed => "publish_failed",
         }
     }
 
@@ -136,7 +141,9 @@ impl Rejection {
             | Xml(_)
             | MissingEncrypt
             | Crypto(_) => StatusCode::BAD_REQUEST,
-            Store(_) | StillInFlight | ForwardFailed => StatusCode::SERVICE_UNAVAILABLE,
+            Store(_) | StillInFlight | ForwardFailed | PublishFailed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }

@@ -16,8 +16,10 @@ mod handle;
 pub mod http;
 pub mod live;
 pub mod metrics;
+pub mod nats;
 pub mod outbox;
 pub mod rules;
+pub mod shared_token;
 pub mod sim;
 pub mod status;
 pub mod store;
@@ -73,7 +75,8 @@ impl App {
 
 /// Opens the store, warms the retry window from it and builds the routes: one path per
 /// account (GET verification, POST pushes), `/healthz` and `/readyz`. Called inside a
-/// Tokio runtime, it also starts the outbox worker.
+/// Tokio runtime, it also starts the outbox worker and, when configured, the connections
+/// to NATS and Redis (in the background: neither has to be up for pushes to be taken).
 pub fn build(config: &Config) -> Result<App, StoreError> {
     let store = Store::open(config.store_location())?;
     let window = Duration::from_secs(config.dedup_window_secs);
@@ -88,6 +91,16 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
         let key = format!("{}\u{0}{}", k.account, k.dedup_key);
         dedup.remember(&key, Answer { reply: k.reply.as_deref().map(Arc::from) });
     }
+
+    let runtime = tokio::runtime::Handle::try_current().is_ok();
+    let publisher = match &config.nats {
+        Some(nats) if runtime => Some(nats::Publisher::start(nats, metrics.clone())),
+        _ => None,
+    };
+    let shared_tokens = match &config.redis {
+        Some(url) if runtime => Some(shared_token::SharedTokens::new(url)),
+        _ => None,
+    };
 
     // /healthz: the process serves. /readyz: the store commits, so pushes can be taken.
     let probe = store.clone();
@@ -113,13 +126,15 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
         metrics: metrics.clone(),
         client: client.clone(),
         secrets: secrets.clone(),
+        publisher: publisher.clone(),
+        shared_tokens,
     };
     let live = Arc::new(Live::new(config, None, parts));
     // Every account path: GET verifies the URL, POST is a push. The map of paths is
     // looked up per request, so that a reload changes it under a running server.
     let l = live.clone();
     router = router.fallback(move |req: axum::extract::Request| dispatch(l.clone(), req));
-    if tokio::runtime::Handle::try_current().is_ok() {
+    if runtime {
         if store.shared() {
             // Other nodes may be forwarding right now: only forwards that outlived any
             // forward are orphans, swept by one node at a time.
@@ -131,7 +146,7 @@ pub fn build(config: &Config) -> Result<App, StoreError> {
                 tokio::spawn(requeue_interrupted(config.clone(), store.clone(), interrupted));
             }
         }
-        outbox::spawn(config, store.clone(), client, secrets);
+        outbox::spawn(config, store.clone(), client, secrets, publisher);
         if config.retention.enabled() {
             tokio::spawn(purge_old_records(store.clone(), config.retention.clone()));
         }
@@ -171,7 +186,8 @@ async fn sweep_orphaned_forwards(live: Arc<Live>, store: Store) {
         let now = http::unix_ms();
         let until = now + cfg.lease.as_millis() as i64;
         if let Ok(true) = store.lease("sweep", node_id(), until).await {
-            let (at, before) = (store.location().clone(), now - cfg.orphan_after.as_millis() as i64);
+            let (at, before) =
+                (store.location().clone(), now - cfg.orphan_after.as_millis() as i64);
             let found =
                 tokio::task::spawn_blocking(move || store::interrupted_forwards(&at, before)).await;
             match found {

@@ -33,6 +33,10 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub client: Client,
     pub secrets: Arc<Secrets>,
+    /// The NATS publisher, when `[nats]` is configured.
+    pub publisher: Option<Arc<crate::nats::Publisher>>,
+    /// The access tokens shared through Redis, when `redis` is configured.
+    pub shared_tokens: Option<Arc<crate::shared_token::SharedTokens>>,
 }
 
 /// The served accounts and the config they came from.
@@ -56,8 +60,7 @@ pub struct Changes {
 
 impl Live {
     pub fn new(config: &Config, text: Option<&str>, parts: Parts) -> Live {
-        let by_path =
-            config.accounts.iter().map(|a| (a.path.clone(), state(a, &parts))).collect();
+        let by_path = config.accounts.iter().map(|a| (a.path.clone(), state(a, &parts))).collect();
         Live {
             by_path: RwLock::new(Arc::new(by_path)),
             config: RwLock::new(Arc::new(config.clone())),
@@ -141,13 +144,15 @@ pub fn state(account: &Account, parts: &Parts) -> Arc<AccountState> {
         metrics: parts.metrics.clone(),
         client: parts.client.clone(),
         api: account.app_secret.clone().map(|secret| {
-            Arc::new(wechat_api::WechatApi::new(
+            let api = wechat_api::WechatApi::new(
                 parts.client.clone(),
                 &account.api_base,
                 &account.app_id,
                 secret,
-            ))
+            );
+            Arc::new(api.shared_through(parts.shared_tokens.clone()))
         }),
+        nats: parts.publisher.clone().filter(|_| account.publish != crate::config::Publish::Off),
         fates: Default::default(),
     })
 }
@@ -156,10 +161,7 @@ pub fn state(account: &Account, parts: &Parts) -> Arc<AccountState> {
 fn account_tables(text: &str) -> BTreeMap<String, toml::Value> {
     let Ok(root) = toml::from_str::<toml::Table>(text) else { return BTreeMap::new() };
     let Some(toml::Value::Array(accounts)) = root.get("accounts") else { return BTreeMap::new() };
-    accounts
-        .iter()
-        .filter_map(|a| Some((a.get("name")?.as_str()?.to_owned(), a.clone())))
-        .collect()
+    accounts.iter().filter_map(|a| Some((a.get("name")?.as_str()?.to_owned(), a.clone()))).collect()
 }
 
 /// The server-wide settings that differ between two configs.

@@ -144,10 +144,13 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
 }
 
 fn serve(path: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The NATS client logs every failed reconnect at info; wxgate logs an outage once.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("async_nats")) {
+        filter = filter.add_directive("async_nats=warn".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -7,7 +7,10 @@
 //! - `wxgate_reply_seconds{account}`: from arrival to answer, a histogram whose top
 //!   buckets sit at the reply budget and WeChat's 5 s deadline;
 //! - `wxgate_store_*`: commits, failures, records, largest batch, mean commit time, queue;
-//! - `wxgate_dedup_memory_entries`: keys held in memory.
+//! - `wxgate_dedup_memory_entries`: keys held in memory;
+//! - `wxgate_nats_publishes_total{account,via,outcome}`: publishes to NATS by the outbox
+//!   (`background`) or before the reply, and what came of them: published, duplicate
+//!   (JetStream had it already), not_connected, timed_out, failed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -44,6 +47,7 @@ struct Inner {
     pushes: BTreeMap<(String, &'static str, &'static str), u64>,
     rejected: BTreeMap<(String, &'static str), u64>,
     latency: BTreeMap<String, Histogram>,
+    publishes: BTreeMap<(String, &'static str, &'static str), u64>,
 }
 
 /// The server's metrics; shared by every account.
@@ -72,11 +76,18 @@ impl Metrics {
         *m.rejected.entry((account.to_owned(), reason)).or_default() += 1;
     }
 
+    /// Counts a publish to NATS and its outcome.
+    pub fn published(&self, account: &str, via: &'static str, outcome: &'static str) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *m.publishes.entry((account.to_owned(), via, outcome)).or_default() += 1;
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, store: &Store, dedup_entries: usize) -> String {
         // Read the store before taking the lock that every push needs.
         let (pending, dead, oldest_ms) =
-            crate::store::outbox_depth(store.location(), crate::http::unix_ms()).unwrap_or_default();
+            crate::store::outbox_depth(store.location(), crate::http::unix_ms())
+                .unwrap_or_default();
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         let _ = writeln!(
@@ -116,6 +127,19 @@ impl Metrics {
             let _ = writeln!(out, "wxgate_reply_seconds_sum{{account=\"{account}\"}} {}", h.sum);
             let _ =
                 writeln!(out, "wxgate_reply_seconds_count{{account=\"{account}\"}} {}", h.count);
+        }
+        if !m.publishes.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP wxgate_nats_publishes_total Publishes to NATS JetStream, by who published and outcome."
+            );
+            let _ = writeln!(out, "# TYPE wxgate_nats_publishes_total counter");
+        }
+        for ((account, via, outcome), n) in &m.publishes {
+            let _ = writeln!(
+                out,
+                "wxgate_nats_publishes_total{{account=\"{account}\",via=\"{via}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         let s = store.stats();
         let mean = if s.commits == 0 {
@@ -229,6 +253,8 @@ mod tests {
         m.push("demo", "text_message", "handled", Duration::from_millis(3));
         m.push("demo", "text_message", "handled", Duration::from_millis(30));
         m.rejected("demo", "bad_signature");
+        m.published("demo", "background", "published");
+        m.published("demo", "background", "duplicate");
         let text = m.render(&store, 2);
         let samples: Vec<_> = text.lines().filter_map(parse_sample).collect();
         let find = |name: &str, label: Option<(&str, &str)>| {
@@ -243,5 +269,6 @@ mod tests {
         assert_eq!(find("wxgate_reply_seconds_count", None), Some(2.0));
         assert_eq!(find("wxgate_dedup_memory_entries", None), Some(2.0));
         assert_eq!(find("wxgate_store_healthy", None), Some(1.0));
+        assert_eq!(find("wxgate_nats_publishes_total", Some(("outcome", "duplicate"))), Some(1.0));
     }
 }

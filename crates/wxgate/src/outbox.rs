@@ -1,4 +1,5 @@
-//! The outbox: pushes handed to the owner's service in the background, at least once.
+//! The outbox: pushes handed to the owner's service, or published to NATS, in the
+//! background, at least once.
 //!
 //! Entries are written in the same transaction as their push, so a push that was
 //! acknowledged is also queued, and a restart loses nothing. One worker delivers them:
@@ -7,6 +8,10 @@
 //! `max_attempts` the entry is parked as dead, listed and re-driven from the CLI
 //! (`wxgate outbox`). The service may see a push more than once (after a crash between
 //! its answer and our commit) and recognises it by `X-Wxgate-Dedup-Key`.
+//!
+//! An entry whose `url` is `nats:{subject}` is a publish to JetStream instead (see
+//! [`crate::nats`]): delivered when JetStream acks it; JetStream itself drops a second
+//! copy by its `Nats-Msg-Id`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,12 +23,16 @@ use crate::client::Client;
 use crate::config::{Config, OutboxConfig, Secret};
 use crate::forward;
 use crate::http::unix_ms;
+use crate::nats::{self, PublishError, Publisher};
 use crate::store::{Attempted, Due, Store};
 
 /// How long one background delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most entries attempted at once.
 const BATCH: usize = 64;
+/// Longest wait between two tries of a publish while NATS is not connected, so that the
+/// outbox catches up soon after it is back.
+const NOT_CONNECTED_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Starts the worker; it runs until the runtime stops.
 pub fn spawn(
@@ -31,8 +40,10 @@ pub fn spawn(
     store: Store,
     client: Client,
     secrets: Arc<Secrets>,
+    nats: Option<Arc<Publisher>>,
 ) -> tokio::task::JoinHandle<()> {
-    let worker = Worker { store, client, secrets, cfg: config.outbox };
+    let targets = Arc::new(Targets { client, secrets, nats });
+    let worker = Worker { store, targets, cfg: config.outbox };
     tokio::spawn(worker.run())
 }
 
@@ -63,9 +74,15 @@ impl Secrets {
 
 struct Worker {
     store: Store,
+    targets: Arc<Targets>,
+    cfg: OutboxConfig,
+}
+
+/// Where entries go: the owner's service (signed with the account's secret) or NATS.
+struct Targets {
     client: Client,
     secrets: Arc<Secrets>,
-    cfg: OutboxConfig,
+    nats: Option<Arc<Publisher>>,
 }
 
 impl Worker {
@@ -98,16 +115,11 @@ impl Worker {
                         continue;
                     }
                 }
-                let (client, secrets, store, cfg, busy) = (
-                    self.client.clone(),
-                    self.secrets.current(),
-                    self.store.clone(),
-                    self.cfg,
-                    in_flight.clone(),
-                );
+                let (targets, store, cfg, busy) =
+                    (self.targets.clone(), self.store.clone(), self.cfg, in_flight.clone());
                 tokio::spawn(async move {
                     let id = entry.id;
-                    deliver(&client, &secrets, &store, cfg, entry).await;
+                    deliver(&targets, &store, cfg, entry).await;
                     busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 });
             }
@@ -152,43 +164,71 @@ impl Lease {
     }
 }
 
-async fn deliver(
-    client: &Client,
-    secrets: &HashMap<String, Secret>,
-    store: &Store,
-    cfg: OutboxConfig,
-    entry: Due,
-) {
-    let result = match secrets.get(&entry.account) {
-        Some(secret) => forward::call(
-            client,
-            &entry.url,
-            secret,
-            &entry.dedup_key,
-            &entry.payload,
-            DELIVERY_TIMEOUT,
-        )
-        .await
-        .map_err(|e| e.to_string()),
-        None => Err(format!("account {:?} has no forward_secret any more", entry.account)),
+async fn deliver(targets: &Targets, store: &Store, cfg: OutboxConfig, entry: Due) {
+    // While NATS is away, publishes wait: never parked as dead for it, tried again
+    // soon, and logged once by the publisher rather than once per entry.
+    let (result, waiting) = match entry.url.strip_prefix(nats::SCHEME) {
+        Some(subject) => match publish(targets, &entry, subject).await {
+            Err(e @ PublishError::NotConnected) => (Err(e.to_string()), true),
+            other => (other.map_err(|e| e.to_string()), false),
+        },
+        None => (send(targets, &entry).await, false),
     };
     let attempted = match result {
-        Ok(_) => {
+        Ok(()) => {
             debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, "delivered");
             Attempted::Delivered
         }
         Err(error) => {
             let attempts = entry.attempts as u32 + 1;
-            let dead = attempts >= cfg.max_attempts;
-            let backoff =
+            let dead = attempts >= cfg.max_attempts && !waiting;
+            let mut backoff =
                 cfg.backoff.saturating_mul(1 << (attempts - 1).min(20)).min(cfg.backoff_max);
-            warn!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, dead, error = %error, "background delivery failed");
+            if waiting {
+                backoff = backoff.min(NOT_CONNECTED_RETRY_MAX);
+                // FIXME(#5): the store counts this as an attempt, so after a long outage
+                // a single real failure parks the entry; it needs a way to defer an
+                // entry without counting.
+                debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, error = %error, "publish waits for NATS");
+            } else {
+                warn!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, dead, error = %error, "background delivery failed");
+            }
             Attempted::Failed { error, next_at_ms: unix_ms() + backoff.as_millis() as i64, dead }
         }
     };
     if let Err(e) = store.attempted(entry.id, attempted).await {
         warn!(target: "wxgate::outbox", error = %e, "outbox result not recorded; the entry will be tried again");
     }
+}
+
+/// Posts an entry to the owner's service.
+async fn send(targets: &Targets, entry: &Due) -> Result<(), String> {
+    let Some(secret) = targets.secrets.current().get(&entry.account).cloned() else {
+        return Err(format!("account {:?} has no forward_secret any more", entry.account));
+    };
+    forward::call(
+        &targets.client,
+        &entry.url,
+        &secret,
+        &entry.dedup_key,
+        &entry.payload,
+        DELIVERY_TIMEOUT,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+/// Publishes an entry to JetStream; delivered once it is acked (also as a duplicate).
+async fn publish(targets: &Targets, entry: &Due, subject: &str) -> Result<(), PublishError> {
+    let Some(nats) = &targets.nats else {
+        return Err(PublishError::Failed("[nats] is not configured any more".into()));
+    };
+    let id = nats::msg_id(&entry.account, &entry.dedup_key);
+    let payload = bytes::Bytes::from(entry.payload.clone());
+    nats.publish(&entry.account, nats::Via::Outbox, subject, &id, payload, nats::PUBLISH_TIMEOUT)
+        .await
+        .map(drop)
 }
 
 /// `wxgate outbox …`: list the background deliveries, and re-drive parked ones.

@@ -106,6 +106,15 @@ pub async fn report(config: &Config) -> anyhow::Result<String> {
                     q(0.99)
                 );
             }
+            "wxgate_nats_publishes_total" => {
+                let _ = writeln!(
+                    out,
+                    "  nats     {:<12} {:<32} {:<13} {value}",
+                    label("account"),
+                    label("via"),
+                    label("outcome")
+                );
+            }
             n if n.starts_with("wxgate_store_")
                 || n.starts_with("wxgate_outbox_")
                 || n == "wxgate_dedup_memory_entries" =>

@@ -6,18 +6,29 @@
 //! invalidate each other's token. It is cached, refreshed before it expires, and only one
 //! refresh runs at a time. A call refused with 40001/42001 (token invalid or expired)
 //! gets a fresh token and is tried once more.
+//!
+//! With `redis` configured the token is shared by every node ([`crate::shared_token`]):
+//! read from Redis, refreshed by one node at a time across all of them, and dropped
+//! there after a refusal only if it is still the token that was refused. When Redis does
+//! not answer, each node uses its own cache and the endpoint as above.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 use wxgate_protocol::Reply;
 
 use crate::client::Client;
 use crate::config::Secret;
+use crate::shared_token::{Shared, SharedTokens};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node waits for another node's refresh before it asks the endpoint itself.
+const WAIT_FOR_REFRESH: Duration = Duration::from_secs(12);
+/// How often a waiting node looks for the other node's new token.
+const REFRESH_POLL: Duration = Duration::from_millis(50);
 
 /// A failed API call.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,13 +48,21 @@ struct Cached {
     refresh_at: Instant,
 }
 
+impl Cached {
+    fn fresh(&self) -> bool {
+        Instant::now() < self.refresh_at
+    }
+}
+
 /// One account's API client.
 pub struct WechatApi {
     client: Client,
     base: String,
     app_id: String,
     secret: Secret,
+    /// This node's token; its lock also makes one refresh at a time on this node.
     token: Mutex<Option<Cached>>,
+    shared: Option<Arc<SharedTokens>>,
 }
 
 impl WechatApi {
@@ -54,39 +73,133 @@ impl WechatApi {
             app_id: app_id.to_owned(),
             secret,
             token: Mutex::new(None),
+            shared: None,
         }
     }
 
-    /// A valid access token, from the cache when it is fresh. Holding the lock across the
-    /// refresh makes concurrent callers wait for one refresh instead of starting their own.
+    /// Shares the token with other nodes through Redis, when given.
+    pub fn shared_through(mut self, shared: Option<Arc<SharedTokens>>) -> WechatApi {
+        self.shared = shared;
+        self
+    }
+
+    /// A valid access token: the shared one, else this node's while it is fresh. Holding
+    /// the lock across the refresh makes concurrent callers wait for one refresh instead
+    /// of starting their own.
     pub async fn token(&self) -> Result<String, ApiError> {
-        let mut cached = self.token.lock().await;
-        if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.refresh_at) {
-            return Ok(c.value.clone());
+        if let Some(shared) = &self.shared
+            && let Ok(found) = shared.get(&self.app_id).await
+        {
+            return match found {
+                Some(t) => {
+                    self.keep(&t);
+                    Ok(t.value)
+                }
+                None => self.refresh_shared(shared, None).await,
+            };
         }
-        let fresh = self.fetch_token(false).await?;
-        let value = fresh.value.clone();
-        *cached = Some(fresh);
-        Ok(value)
+        self.own_token(self.token.lock().await, None).await
     }
 
     /// Drops a token WeChat refused and gets another; forces a new one if the endpoint
     /// hands back the refused token.
     async fn replace_token(&self, refused: &str) -> Result<String, ApiError> {
-        let mut cached = self.token.lock().await;
-        if let Some(c) =
-            cached.as_ref().filter(|c| c.value != refused && Instant::now() < c.refresh_at)
+        if let Some(shared) = &self.shared
+            && shared.discard(&self.app_id, refused).await.is_ok()
         {
-            // Another caller already replaced it.
+            return self.refresh_shared(shared, Some(refused)).await;
+        }
+        self.own_token(self.token.lock().await, Some(refused)).await
+    }
+
+    /// A new token for every node: the one another node just shared, or one this node
+    /// fetches while it holds the refresh lock. `refused` is never taken for new.
+    async fn refresh_shared(
+        &self,
+        shared: &SharedTokens,
+        refused: Option<&str>,
+    ) -> Result<String, ApiError> {
+        let mut cached = self.token.lock().await;
+        let give_up_at = Instant::now() + WAIT_FOR_REFRESH;
+        loop {
+            match shared.get(&self.app_id).await {
+                Ok(Some(t)) if Some(t.value.as_str()) != refused => {
+                    *cached = Some(cached_for(&t));
+                    return Ok(t.value);
+                }
+                Ok(_) => {}
+                Err(_) => return self.own_token(cached, refused).await,
+            }
+            match shared.lock(&self.app_id).await {
+                Ok(Some(lock)) => {
+                    let fresh = self.refresh_locked(shared, refused).await;
+                    shared.unlock(lock).await;
+                    let fresh = fresh?;
+                    let value = fresh.value.clone();
+                    *cached = Some(fresh);
+                    return Ok(value);
+                }
+                // Another node is refreshing: wait for its token, within bounds.
+                Ok(None) if Instant::now() < give_up_at => {
+                    tokio::time::sleep(REFRESH_POLL).await;
+                }
+                // It takes too long (or Redis went away): fetch without sharing. The
+                // stable-token endpoint does not invalidate the other node's token.
+                Ok(None) | Err(_) => return self.own_token(cached, refused).await,
+            }
+        }
+    }
+
+    /// Under the refresh lock: the token another node shared just before we took the
+    /// lock, or a new one from the endpoint, shared until shortly before it expires.
+    async fn refresh_locked(
+        &self,
+        shared: &SharedTokens,
+        refused: Option<&str>,
+    ) -> Result<Cached, ApiError> {
+        if let Ok(Some(t)) = shared.get(&self.app_id).await
+            && Some(t.value.as_str()) != refused
+        {
+            return Ok(cached_for(&t));
+        }
+        let fresh = self.fetch_avoiding(refused).await?;
+        let ttl = fresh.refresh_at.saturating_duration_since(Instant::now());
+        let _ = shared.put(&self.app_id, &fresh.value, ttl).await;
+        Ok(fresh)
+    }
+
+    /// This node's token while it is fresh (and not the refused one: another caller
+    /// already replaced that), else a new one from the endpoint for this node alone.
+    async fn own_token(
+        &self,
+        mut cached: MutexGuard<'_, Option<Cached>>,
+        refused: Option<&str>,
+    ) -> Result<String, ApiError> {
+        if let Some(c) = cached.as_ref().filter(|c| c.fresh() && Some(c.value.as_str()) != refused)
+        {
             return Ok(c.value.clone());
         }
-        let mut fresh = self.fetch_token(false).await?;
-        if fresh.value == refused {
-            fresh = self.fetch_token(true).await?;
-        }
+        let fresh = self.fetch_avoiding(refused).await?;
         let value = fresh.value.clone();
         *cached = Some(fresh);
         Ok(value)
+    }
+
+    /// A token from the endpoint; forced anew if it hands back the refused one.
+    async fn fetch_avoiding(&self, refused: Option<&str>) -> Result<Cached, ApiError> {
+        let fresh = self.fetch_token(false).await?;
+        if refused.is_some_and(|r| r == fresh.value) {
+            return self.fetch_token(true).await;
+        }
+        Ok(fresh)
+    }
+
+    /// Keeps a shared token in this node's cache too, for when Redis goes away; skipped
+    /// while a refresh holds the cache.
+    fn keep(&self, t: &Shared) {
+        if let Ok(mut cached) = self.token.try_lock() {
+            *cached = Some(cached_for(t));
+        }
     }
 
     async fn fetch_token(&self, force: bool) -> Result<Cached, ApiError> {
@@ -153,6 +266,11 @@ impl WechatApi {
         serde_json::from_slice(&answer.body)
             .map_err(|e| ApiError::Transport(format!("answer is not JSON: {e}")))
     }
+}
+
+/// A shared token in this node's cache, fresh as long as it lives in Redis.
+fn cached_for(t: &Shared) -> Cached {
+    Cached { value: t.value.clone(), refresh_at: Instant::now() + t.ttl }
 }
 
 fn api_error(v: &Value) -> ApiError {

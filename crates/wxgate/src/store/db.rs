@@ -199,7 +199,8 @@ pub(crate) trait Db: Send {
 
 /// Opens the writer's connection, creating and migrating the schema.
 pub(crate) fn open_writer(at: &Location) -> Result<Box<dyn Db>, StoreError> {
-    let fail = |e: &dyn std::fmt::Display| StoreError::Open { path: at.display(), message: e.to_string() };
+    let fail =
+        |e: &dyn std::fmt::Display| StoreError::Open { path: at.display(), message: e.to_string() };
     match at {
         Location::Sqlite(dir) => {
             let path = dir.join("wxgate.db");
@@ -221,7 +222,8 @@ pub(crate) fn open_writer(at: &Location) -> Result<Box<dyn Db>, StoreError> {
 
 /// Opens a connection for reading, or `None` when an embedded store was never created.
 pub(crate) fn open_reader(at: &Location) -> Result<Option<Box<dyn Db>>, StoreError> {
-    let fail = |e: &dyn std::fmt::Display| StoreError::Open { path: at.display(), message: e.to_string() };
+    let fail =
+        |e: &dyn std::fmt::Display| StoreError::Open { path: at.display(), message: e.to_string() };
     match at {
         Location::Sqlite(dir) => {
             let path = dir.join("wxgate.db");
@@ -237,7 +239,9 @@ pub(crate) fn open_reader(at: &Location) -> Result<Option<Box<dyn Db>>, StoreErr
             Ok(Some(Box::new(Sqlite { conn, in_tx: false })))
         }
         // Reading before any node migrated finds no tables: an error that says so.
-        Location::Postgres(url) => Ok(Some(Box::new(Postgres::connect(url).map_err(|e| fail(&e))?))),
+        Location::Postgres(url) => {
+            Ok(Some(Box::new(Postgres::connect(url).map_err(|e| fail(&e))?)))
+        }
     }
 }
 
@@ -298,8 +302,9 @@ impl Db for Sqlite {
     fn query(&mut self, sql: Sql, params: &[V<'_>]) -> Result<Vec<Vec<Val>>, String> {
         let mut stmt = self.conn.prepare_cached(sql.sqlite).map_err(|e| e.to_string())?;
         let width = stmt.column_count();
-        let mut rows =
-            stmt.query(rusqlite::params_from_iter(Self::bind(params))).map_err(|e| e.to_string())?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(Self::bind(params)))
+            .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(|e| e.to_string())? {
             let mut values = Vec::with_capacity(width);
@@ -387,14 +392,15 @@ impl Postgres {
         &mut self,
         sql: Sql,
         params: &[V<'_>],
-        f: impl FnOnce(&mut postgres::Client, &postgres::Statement, &[&(dyn postgres::types::ToSql + Sync)]) -> Result<T, postgres::Error>,
+        f: impl FnOnce(
+            &mut postgres::Client,
+            &postgres::Statement,
+            &[&(dyn postgres::types::ToSql + Sync)],
+        ) -> Result<T, postgres::Error>,
     ) -> Result<T, String> {
         let stmt = self.statement(sql)?;
-        let owned: Vec<PgParam> = params
-            .iter()
-            .zip(stmt.params())
-            .map(|(p, ty)| PgParam::of(p, ty))
-            .collect();
+        let owned: Vec<PgParam> =
+            params.iter().zip(stmt.params()).map(|(p, ty)| PgParam::of(p, ty)).collect();
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             owned.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
         let client = self.client()?;
@@ -407,7 +413,9 @@ impl Drop for Postgres {
         // The driver's connection owns a Tokio runtime, which may not be dropped inside
         // another runtime's task: let it go on a thread of its own.
         if let Some(client) = self.client.take() {
-            let _ = std::thread::Builder::new().name("wxgate-pg-close".into()).spawn(move || drop(client));
+            let _ = std::thread::Builder::new()
+                .name("wxgate-pg-close".into())
+                .spawn(move || drop(client));
         }
     }
 }
@@ -509,9 +517,11 @@ impl Db for Postgres {
                 let v = if *ty == Type::INT8 {
                     row.try_get::<_, Option<i64>>(i).map(|v| v.map_or(Val::Null, Val::I))
                 } else if *ty == Type::INT4 {
-                    row.try_get::<_, Option<i32>>(i).map(|v| v.map_or(Val::Null, |n| Val::I(n.into())))
+                    row.try_get::<_, Option<i32>>(i)
+                        .map(|v| v.map_or(Val::Null, |n| Val::I(n.into())))
                 } else if *ty == Type::INT2 {
-                    row.try_get::<_, Option<i16>>(i).map(|v| v.map_or(Val::Null, |n| Val::I(n.into())))
+                    row.try_get::<_, Option<i16>>(i)
+                        .map(|v| v.map_or(Val::Null, |n| Val::I(n.into())))
                 } else if *ty == Type::BOOL {
                     row.try_get::<_, Option<bool>>(i).map(|v| v.map_or(Val::Null, Val::B))
                 } else {

@@ -472,12 +472,20 @@ impl Store {
         Ok(rows
             .unwrap_or_default()
             .into_iter()
-            .map(|r| RecentKey { account: r[0].text(), dedup_key: r[1].text(), reply: r[2].opt_text() })
+            .map(|r| RecentKey {
+                account: r[0].text(),
+                dedup_key: r[1].text(),
+                reply: r[2].opt_text(),
+            })
             .collect())
     }
 
     /// A recorded push's answer as it stands. Blocks.
-    pub fn answer_of(&self, account: &str, dedup_key: &str) -> Result<Option<Standing>, StoreError> {
+    pub fn answer_of(
+        &self,
+        account: &str,
+        dedup_key: &str,
+    ) -> Result<Option<Standing>, StoreError> {
         const STANDING: Sql = Sql::both(
             "SELECT reply, status, deliveries FROM pushes WHERE account = ?1 AND dedup_key = ?2",
         );
@@ -639,7 +647,11 @@ const ENQUEUE: Sql = Sql::both(
 );
 
 /// Runs a batch's ops inside the open transaction.
-fn commit(db: &mut dyn Db, batch: &[Op], results: &mut Vec<Option<OpResult>>) -> Result<(), String> {
+fn commit(
+    db: &mut dyn Db,
+    batch: &[Op],
+    results: &mut Vec<Option<OpResult>>,
+) -> Result<(), String> {
     for op in batch {
         let result = match op {
             Op::Insert(r, _) => {
@@ -743,7 +755,8 @@ fn commit(db: &mut dyn Db, batch: &[Op], results: &mut Vec<Option<OpResult>>) ->
                         )?,
                         None => {
                             // Every kind without a cutoff of its own.
-                            let list = serde_json::to_string(&named).unwrap_or_else(|_| "[]".into());
+                            let list =
+                                serde_json::to_string(&named).unwrap_or_else(|_| "[]".into());
                             db.exec(
                                 Sql {
                                     sqlite: "DELETE FROM pushes WHERE received_at < ?1
@@ -868,7 +881,11 @@ pub fn interrupted_forwards(
             &[before_ms.into()],
         )
     })?;
-    Ok(rows.unwrap_or_default().into_iter().map(|r| (r[0].text(), r[1].text(), r[2].text())).collect())
+    Ok(rows
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r[0].text(), r[1].text(), r[2].text()))
+        .collect())
 }
 
 /// Outbox entries, oldest first, optionally in one state.
@@ -914,10 +931,7 @@ pub fn outbox_depth(at: &Location, now_ms: i64) -> Result<(i64, i64, i64), Store
             &[now_ms.into()],
         )
     })?;
-    Ok(rows
-        .unwrap_or_default()
-        .first()
-        .map_or((0, 0, 0), |r| (r[0].i64(), r[1].i64(), r[2].i64())))
+    Ok(rows.unwrap_or_default().first().map_or((0, 0, 0), |r| (r[0].i64(), r[1].i64(), r[2].i64())))
 }
 
 /// Recorded pushes of one account and kind.

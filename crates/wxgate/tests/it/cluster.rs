@@ -77,7 +77,13 @@ fn push(n: u64) -> String {
         0 => compose::event(GH, &follower, time, "CLICK", &[("EventKey", &format!("K{n}"))]),
         1 => compose::text(GH, &follower, time, &format!("fast {n}"), 7_000_000 + n),
         2 => compose::text(GH, &follower, time, &format!("slow {n}"), 7_000_000 + n),
-        _ => compose::event(GH, &follower, time, "LOCATION", &[("Latitude", "23.1"), ("Longitude", "113.2"), ("Precision", &n.to_string())]),
+        _ => compose::event(
+            GH,
+            &follower,
+            time,
+            "LOCATION",
+            &[("Latitude", "23.1"), ("Longitude", "113.2"), ("Precision", &n.to_string())],
+        ),
     }
 }
 
@@ -93,7 +99,8 @@ async fn drive(
     let mut tasks = tokio::task::JoinSet::new();
     for n in range {
         on_push(n);
-        let (http, urls, permit) = (http.clone(), urls.clone(), limit.clone().acquire_owned().await.unwrap());
+        let (http, urls, permit) =
+            (http.clone(), urls.clone(), limit.clone().acquire_owned().await.unwrap());
         tasks.spawn(async move {
             let inner = push(n);
             let k = urls.len();
@@ -114,8 +121,11 @@ fn reply_text(seen: &Seen) -> Option<String> {
     seen.text().map(str::to_owned)
 }
 
-const RULES: Rules =
-    Rules { deadline: Duration::from_secs(2), attempts: 3, retry_interval: Duration::from_millis(20) };
+const RULES: Rules = Rules {
+    deadline: Duration::from_secs(2),
+    attempts: 3,
+    retry_interval: Duration::from_millis(20),
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_across_three_nodes_join_the_first_and_run_once() {
@@ -142,7 +152,12 @@ async fn retries_across_three_nodes_join_the_first_and_run_once() {
         } else {
             // In time or through a retry that joined another node's forward: the
             // owner's reply, never a second forward.
-            assert_eq!(text.as_deref(), Some(format!("handled {key}").as_str()), "{key}: {:?}", report);
+            assert_eq!(
+                text.as_deref(),
+                Some(format!("handled {key}").as_str()),
+                "{key}: {:?}",
+                report
+            );
             if report.attempts.len() > 1 {
                 retried_across += 1;
             }
@@ -220,8 +235,11 @@ async fn a_node_killed_mid_run_loses_nothing_acknowledged() {
     }
     // Every acknowledged forward reached the owner's service, including those whose
     // node died in the middle (swept to the outbox by a surviving node).
-    let forwarded: Vec<&String> =
-        acked.iter().filter(|(_, _, inner, _)| !inner.contains("CLICK")).map(|(_, k, _, _)| k).collect();
+    let forwarded: Vec<&String> = acked
+        .iter()
+        .filter(|(_, _, inner, _)| !inner.contains("CLICK"))
+        .map(|(_, k, _, _)| k)
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let d = hook.deliveries.lock().unwrap().clone();
@@ -229,7 +247,12 @@ async fn a_node_killed_mid_run_loses_nothing_acknowledged() {
         if missing.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "{} forwards never arrived, e.g. {:?}", missing.len(), missing[0]);
+        assert!(
+            Instant::now() < deadline,
+            "{} forwards never arrived, e.g. {:?}",
+            missing.len(),
+            missing[0]
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!(
@@ -256,10 +279,21 @@ fn accounts_config(database: &str, accounts: &[(&str, &str, &str)]) -> String {
 /// The text reply a node gives at `path`, or the HTTP status when it refuses.
 async fn ask(server: &Server, path: &str, n: u64) -> Result<String, String> {
     let inner = compose::text(GH, "oReloadFollower", 1_733_340_000 + n, "hi", 8_000_000 + n);
-    let rules = Rules { deadline: Duration::from_secs(2), attempts: 1, retry_interval: Duration::ZERO };
-    let report = deliver_across(&Http::new(rules.deadline), &wechat(), &[&server.url(path)], &inner, Mode::Safe, rules).await;
+    let rules =
+        Rules { deadline: Duration::from_secs(2), attempts: 1, retry_interval: Duration::ZERO };
+    let report = deliver_across(
+        &Http::new(rules.deadline),
+        &wechat(),
+        &[&server.url(path)],
+        &inner,
+        Mode::Safe,
+        rules,
+    )
+    .await;
     match &report.attempts[0].result {
-        Ok((200, _)) => report.seen.text().map(str::to_owned).ok_or_else(|| format!("{:?}", report.seen)),
+        Ok((200, _)) => {
+            report.seen.text().map(str::to_owned).ok_or_else(|| format!("{:?}", report.seen))
+        }
         Ok((status, _)) => Err(status.to_string()),
         Err(e) => Err(e.clone()),
     }
@@ -310,7 +344,11 @@ async fn accounts_change_on_every_running_node_without_a_restart() {
     }
     // A broken file changes nothing and says why.
     for node in &nodes {
-        std::fs::write(&node.config, format!("data_dir = \"data\"\n{second}\n[[accounts]]\nname = 3\n")).unwrap();
+        std::fs::write(
+            &node.config,
+            format!("data_dir = \"data\"\n{second}\n[[accounts]]\nname = 3\n"),
+        )
+        .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for node in &nodes {
@@ -319,7 +357,8 @@ async fn accounts_change_on_every_running_node_without_a_restart() {
         assert!(logs.iter().any(|l| l.contains("config not reloaded")), "{logs:?}");
     }
     // Removed: no longer served. SIGHUP reloads at once, whatever the interval.
-    let third = accounts_config(&db.url, &[("b", "/b", "reply b1")]).replace("reload_secs = 1", "reload_secs = 0");
+    let third = accounts_config(&db.url, &[("b", "/b", "reply b1")])
+        .replace("reload_secs = 1", "reload_secs = 0");
     for node in &nodes {
         std::fs::write(&node.config, format!("data_dir = \"data\"\n{third}")).unwrap();
     }
@@ -338,7 +377,8 @@ async fn postgres_stopping_under_load_fails_deliveries_and_recovers_by_itself() 
     let Some(pg) = services::PrivatePostgres::start() else { return };
     let config = accounts_config(&pg.url, &[("a", "/a", "stored")]);
     let node = Server::start(&config);
-    let rules = Rules { deadline: Duration::from_secs(3), attempts: 1, retry_interval: Duration::ZERO };
+    let rules =
+        Rules { deadline: Duration::from_secs(3), attempts: 1, retry_interval: Duration::ZERO };
     let http = Http::new(rules.deadline);
     let mut acked = Vec::new();
     let mut refused = 0;

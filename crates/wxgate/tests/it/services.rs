@@ -29,7 +29,9 @@ impl Service {
     /// The URL the tests use for it.
     pub fn url(self) -> String {
         let (var, default) = match self {
-            Service::Postgres => ("WXGATE_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test"),
+            Service::Postgres => {
+                ("WXGATE_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+            }
             Service::Redis => ("WXGATE_TEST_REDIS", "redis://127.0.0.1:6379/"),
             Service::Nats => ("WXGATE_TEST_NATS", "nats://127.0.0.1:4222"),
         };
@@ -124,9 +126,12 @@ impl PrivatePostgres {
     /// Creates and starts one; `None` (with a line saying why) where PostgreSQL's
     /// programs are not installed, a failure under `CI=true`.
     pub fn start() -> Option<PrivatePostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|versions| versions.filter_map(Result::ok).map(|v| v.path().join("bin")).find(|b| b.join("initdb").exists()));
+        let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|versions| {
+            versions
+                .filter_map(Result::ok)
+                .map(|v| v.path().join("bin"))
+                .find(|b| b.join("initdb").exists())
+        });
         let Some(bin) = bin else {
             let message = "PostgreSQL's programs (initdb, pg_ctl) are not installed";
             if std::env::var("CI").is_ok_and(|v| v == "true") {

@@ -56,10 +56,7 @@ fn record(account: &str, key: &str, from: &str, reply: Option<&str>) -> NewRecor
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 /// Reads in a blocking context, as the CLI does.
@@ -86,12 +83,20 @@ async fn a_key_is_recorded_once_with_its_reply_and_deliveries() {
 
         // Reopened, as after a restart (or on another node).
         let store = Store::open(&b.at).unwrap();
-        assert!(matches!(store.insert(record("a", "k1", "o1", None)).await.unwrap(), Inserted::Existing { .. }));
+        assert!(matches!(
+            store.insert(record("a", "k1", "o1", None)).await.unwrap(),
+            Inserted::Existing { .. }
+        ));
         let at = b.at.clone();
         let rows = blocking(move || store::read_all(at, Some("a")).unwrap()).await;
         assert_eq!(rows.len(), 1, "{}", b.name);
         let row = &rows[0];
-        assert_eq!((row.deliveries, row.encrypted, row.dead_letter), (3, true, false), "{}", b.name);
+        assert_eq!(
+            (row.deliveries, row.encrypted, row.dead_letter),
+            (3, true, false),
+            "{}",
+            b.name
+        );
         assert_eq!(row.reply.as_deref(), Some("<xml>r</xml>"));
         assert_eq!(row.status, "answered");
         let s = store.clone();
@@ -196,7 +201,8 @@ async fn the_outbox_keeps_order_retries_parks_and_redrives() {
         let store = Store::open(&b.at).unwrap();
         for (key, from) in [("1", "alice"), ("2", "alice"), ("3", "bob")] {
             let mut r = record("a", key, from, None);
-            r.outbox = vec![OutboxEntry { url: "http://127.0.0.1:9/h".into(), payload: key.into() }];
+            r.outbox =
+                vec![OutboxEntry { url: "http://127.0.0.1:9/h".into(), payload: key.into() }];
             store.insert(r).await.unwrap();
         }
         let due = |s: &Store| {
@@ -210,14 +216,24 @@ async fn the_outbox_keeps_order_retries_parks_and_redrives() {
         assert!(keys.contains(&"1") && keys.contains(&"3"), "{}: {keys:?}", b.name);
         let alice = first.iter().find(|d| d.dedup_key == "1").unwrap().id;
         store
-            .attempted(alice, Attempted::Failed { error: "refused".into(), next_at_ms: now_ms() + 60_000, dead: false })
+            .attempted(
+                alice,
+                Attempted::Failed {
+                    error: "refused".into(),
+                    next_at_ms: now_ms() + 60_000,
+                    dead: false,
+                },
+            )
             .await
             .unwrap();
         // Alice's first is waiting: her second must wait too.
         let keys: Vec<_> = due(&store).await.into_iter().map(|d| d.dedup_key).collect();
         assert_eq!(keys, ["3"], "{}", b.name);
         store
-            .attempted(alice, Attempted::Failed { error: "refused".into(), next_at_ms: 0, dead: true })
+            .attempted(
+                alice,
+                Attempted::Failed { error: "refused".into(), next_at_ms: 0, dead: true },
+            )
             .await
             .unwrap();
         let at = b.at.clone();
@@ -225,7 +241,8 @@ async fn the_outbox_keeps_order_retries_parks_and_redrives() {
         assert_eq!(dead.len(), 1, "{}", b.name);
         assert_eq!((dead[0].attempts, dead[0].last_error.as_deref()), (2, Some("refused")));
         let at = b.at.clone();
-        let (pending, dead_n, _) = blocking(move || store::outbox_depth(&at, now_ms()).unwrap()).await;
+        let (pending, dead_n, _) =
+            blocking(move || store::outbox_depth(&at, now_ms()).unwrap()).await;
         assert_eq!((pending, dead_n), (2, 1), "{}", b.name);
         assert_eq!(store.redrive(None).await.unwrap(), 1, "{}", b.name);
         store.attempted(alice, Attempted::Delivered).await.unwrap();
@@ -233,7 +250,12 @@ async fn the_outbox_keeps_order_retries_parks_and_redrives() {
         assert!(keys.contains(&"2".to_owned()), "{}: {keys:?}", b.name);
         // A queued delivery of a recorded push.
         store
-            .enqueue("a", "3", "bob", OutboxEntry { url: "http://127.0.0.1:9/other".into(), payload: "p".into() })
+            .enqueue(
+                "a",
+                "3",
+                "bob",
+                OutboxEntry { url: "http://127.0.0.1:9/other".into(), payload: "p".into() },
+            )
             .await
             .unwrap();
         let at = b.at.clone();
@@ -250,14 +272,14 @@ async fn purge_and_forget_delete_what_they_should() {
         let mut old_location = record("a", "loc", "carol", None);
         old_location.kind = "LOCATION_event".into();
         old_location.received_at_ms = 1_000;
-        for r in [old, old_location, record("a", "new", "alice", None), record("a", "bob1", "bob", None)] {
+        for r in
+            [old, old_location, record("a", "new", "alice", None), record("a", "bob1", "bob", None)]
+        {
             store.insert(r).await.unwrap();
         }
         // LOCATION has its own cutoff (not reached); the rest goes if older than 2000.
-        let n = store
-            .purge(vec![(Some("LOCATION_event".into()), 500), (None, 2_000)])
-            .await
-            .unwrap();
+        let n =
+            store.purge(vec![(Some("LOCATION_event".into()), 500), (None, 2_000)]).await.unwrap();
         assert_eq!(n, 1, "{}", b.name);
         assert_eq!(store.forget("a", "alice", None).await.unwrap(), 1, "{}", b.name);
         let at = b.at.clone();
@@ -305,7 +327,10 @@ async fn a_postgres_store_that_goes_away_fails_writes_and_recovers() {
     assert_eq!(store.insert(record("a", "after", "o", None)).await.unwrap(), Inserted::New);
     assert!(store.healthy());
     let at = Location::Postgres(db.url.clone());
-    let keys: Vec<_> =
-        blocking(move || store::read_all(at, None).unwrap()).await.into_iter().map(|r| r.dedup_key).collect();
+    let keys: Vec<_> = blocking(move || store::read_all(at, None).unwrap())
+        .await
+        .into_iter()
+        .map(|r| r.dedup_key)
+        .collect();
     assert_eq!(keys, ["before", "after"]);
 }
