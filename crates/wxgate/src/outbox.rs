@@ -179,20 +179,18 @@ async fn deliver(targets: &Targets, store: &Store, cfg: OutboxConfig, entry: Due
             debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, "delivered");
             Attempted::Delivered
         }
+        // Not an attempt: the entry waits for NATS, and counts no failure.
+        Err(reason) if waiting => {
+            let retry = cfg.backoff.min(NOT_CONNECTED_RETRY_MAX);
+            debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, error = %reason, "publish waits for NATS");
+            Attempted::Deferred { reason, next_at_ms: unix_ms() + retry.as_millis() as i64 }
+        }
         Err(error) => {
             let attempts = entry.attempts as u32 + 1;
-            let dead = attempts >= cfg.max_attempts && !waiting;
-            let mut backoff =
+            let dead = attempts >= cfg.max_attempts;
+            let backoff =
                 cfg.backoff.saturating_mul(1 << (attempts - 1).min(20)).min(cfg.backoff_max);
-            if waiting {
-                backoff = backoff.min(NOT_CONNECTED_RETRY_MAX);
-                // FIXME(#5): the store counts this as an attempt, so after a long outage
-                // a single real failure parks the entry; it needs a way to defer an
-                // entry without counting.
-                debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, error = %error, "publish waits for NATS");
-            } else {
-                warn!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, dead, error = %error, "background delivery failed");
-            }
+            warn!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, dead, error = %error, "background delivery failed");
             Attempted::Failed { error, next_at_ms: unix_ms() + backoff.as_millis() as i64, dead }
         }
     };

@@ -158,6 +158,12 @@ pub enum Attempted {
         next_at_ms: i64,
         dead: bool,
     },
+    /// Not tried, because its destination is away (NATS disconnected): try again at
+    /// `next_at_ms`, without counting an attempt.
+    Deferred {
+        reason: String,
+        next_at_ms: i64,
+    },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -433,14 +439,17 @@ impl Store {
         })
     }
 
-    /// Outbox entries due now: for each follower only the oldest pending one, so that a
-    /// follower's pushes are delivered in order. Blocks.
+    /// Outbox entries due now: for each follower and destination (a URL, or NATS for
+    /// every subject) only the oldest pending one, so that each destination gets a
+    /// follower's pushes in order, and one that is away holds up no other. Blocks.
     pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
         const DUE: Sql = Sql::both(
             "SELECT o.id, o.account, o.dedup_key, o.follower, o.url, o.payload, o.attempts FROM outbox o
              WHERE o.state = 'pending' AND o.next_at <= ?1
                AND o.id = (SELECT MIN(p.id) FROM outbox p
-                           WHERE p.account = o.account AND p.follower = o.follower AND p.state = 'pending')
+                           WHERE p.account = o.account AND p.follower = o.follower AND p.state = 'pending'
+                             AND CASE WHEN p.url LIKE 'nats:%' THEN 'nats:' ELSE p.url END
+                               = CASE WHEN o.url LIKE 'nats:%' THEN 'nats:' ELSE o.url END)
              ORDER BY o.next_at, o.id LIMIT ?2",
         );
         let rows = self.read(|db| db.query(DUE, &[now_ms.into(), (limit as i64).into()]))?;
@@ -730,6 +739,10 @@ fn commit(
                                 state = CASE WHEN ?4 THEN 'dead' ELSE 'pending' END WHERE id = ?1",
                         ),
                         &[(*id).into(), error.as_str().into(), (*next_at_ms).into(), (*dead).into()],
+                    )?,
+                    Attempted::Deferred { reason, next_at_ms } => db.exec(
+                        Sql::both("UPDATE outbox SET last_error = ?2, next_at = ?3 WHERE id = ?1"),
+                        &[(*id).into(), reason.as_str().into(), (*next_at_ms).into()],
                     )?,
                 };
                 None

@@ -495,8 +495,13 @@ async fn without_nats_pushes_are_answered_and_published_once_it_is_back() {
     assert_eq!(server.records().len(), 4);
     until("the publishes wait in the outbox", Duration::from_secs(5), || {
         let waiting = outbox(server.dir.path(), "pending");
-        // Each follower's oldest is tried; the others wait behind it, in order.
-        async move { waiting.len() == 4 && waiting.iter().filter(|e| e.attempts > 0).count() == 2 }
+        // Each follower's oldest is tried; the others wait behind it, in order. Waiting
+        // for NATS counts no attempt.
+        async move {
+            waiting.len() == 4
+                && waiting.iter().filter(|e| e.last_error.is_some()).count() == 2
+                && waiting.iter().all(|e| e.attempts == 0)
+        }
     })
     .await;
     until("one warning", Duration::from_secs(5), || {

@@ -248,6 +248,14 @@ async fn the_outbox_keeps_order_retries_parks_and_redrives() {
         store.attempted(alice, Attempted::Delivered).await.unwrap();
         let keys: Vec<_> = due(&store).await.into_iter().map(|d| d.dedup_key).collect();
         assert!(keys.contains(&"2".to_owned()), "{}: {keys:?}", b.name);
+        // Waiting for a destination that is away is no attempt.
+        let bob = due(&store).await.into_iter().find(|d| d.dedup_key == "3").unwrap();
+        store
+            .attempted(bob.id, Attempted::Deferred { reason: "away".into(), next_at_ms: 0 })
+            .await
+            .unwrap();
+        let bob = due(&store).await.into_iter().find(|d| d.dedup_key == "3").unwrap();
+        assert_eq!(bob.attempts, 0, "{}", b.name);
         // A queued delivery of a recorded push.
         store
             .enqueue(
@@ -260,6 +268,23 @@ async fn the_outbox_keeps_order_retries_parks_and_redrives() {
             .unwrap();
         let at = b.at.clone();
         assert_eq!(blocking(move || store::outbox_list(&at, None).unwrap()).await.len(), 4);
+        // Each destination has its own order: bob's entry for the other URL does not
+        // wait for his first.
+        let keys: Vec<_> = due(&store).await.into_iter().map(|d| (d.dedup_key, d.url)).collect();
+        assert_eq!(keys.iter().filter(|(k, _)| k == "3").count(), 2, "{}: {keys:?}", b.name);
+        // Every NATS subject is one destination: one stream, read in order.
+        for (key, subject) in [("c1", "nats:wx.a.text_message"), ("c2", "nats:wx.a.CLICK_event")] {
+            let mut r = record("a", key, "carol", None);
+            r.outbox = vec![OutboxEntry { url: subject.into(), payload: key.into() }];
+            store.insert(r).await.unwrap();
+        }
+        let carol: Vec<_> = due(&store)
+            .await
+            .into_iter()
+            .filter(|d| d.follower == "carol")
+            .map(|d| d.dedup_key)
+            .collect();
+        assert_eq!(carol, ["c1"], "{}", b.name);
     }
 }
 
