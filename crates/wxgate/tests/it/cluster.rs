@@ -1,7 +1,9 @@
 //! Several `wxgate serve` processes over one PostgreSQL database, as behind a load
 //! balancer: each retry of a push lands on another node (the simulator's
 //! `deliver_across`). Every push is handled once, every retry gets the original reply,
-//! and a node killed mid-run loses nothing that was acknowledged.
+//! every push is in the NATS stream once, and a node killed mid-run loses nothing that
+//! was acknowledged. Accounts change under running nodes, and a private PostgreSQL is
+//! stopped and started under load.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,7 @@ use wxgate::sim::{Http, Mode, Seen, compose};
 use wxgate_protocol::Push;
 
 use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, wechat};
+use crate::nats::TestStream;
 use crate::services::{self, PgDatabase, Service};
 
 const SECRET: &str = "cluster-test-secret";
@@ -50,10 +53,19 @@ async fn start_hook() -> (Arc<Hook>, String) {
     (hook, url)
 }
 
-/// A node's config: the shared database, short leases, forwards held for a retry.
-fn node_config(database: &str, hook: &str) -> String {
+/// A node's config: the shared database, short leases, forwards held for a retry; with a
+/// stream, every push is published to it too.
+fn node_config(database: &str, hook: &str, stream: Option<&TestStream>) -> String {
+    let nats = stream.map_or(String::new(), |s| {
+        format!(
+            "[nats]\nurl = \"{}\"\nstream = \"{}\"\nsubject_prefix = \"{}\"\n",
+            Service::Nats.url(),
+            s.name,
+            s.prefix
+        )
+    });
     format!(
-        "database = \"{database}\"\n\
+        "database = \"{database}\"\n{nats}\
          [outbox]\npoll_ms = 20\nbackoff_ms = 40\nbackoff_max_ms = 200\nlease_ms = 400\norphan_after_ms = 1500\n\
          [[accounts]]\nname = \"cl\"\npath = \"/wx\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n\
          encoding_aes_key = \"{AES_KEY}\"\nmax_timestamp_skew_secs = 0\nforward_secret = \"{SECRET}\"\n\
@@ -64,8 +76,8 @@ fn node_config(database: &str, hook: &str) -> String {
     )
 }
 
-fn start_nodes(n: usize, database: &str, hook: &str) -> Vec<Server> {
-    (0..n).map(|_| Server::start(&node_config(database, hook))).collect()
+fn start_nodes(n: usize, database: &str, hook: &str, stream: Option<&TestStream>) -> Vec<Server> {
+    (0..n).map(|_| Server::start(&node_config(database, hook, stream))).collect()
 }
 
 /// Push `n`: a CLICK (rule reply), a text (forwarded in time, or slowly), a LOCATION
@@ -132,9 +144,13 @@ async fn retries_across_three_nodes_join_the_first_and_run_once() {
     if !services::require(Service::Postgres) {
         return;
     }
+    if !services::require(Service::Nats) {
+        return;
+    }
     let db = PgDatabase::create();
+    let stream = TestStream::new(&Service::Nats.url()).await;
     let (hook, hook_url) = start_hook().await;
-    let nodes = start_nodes(3, &db.url, &hook_url);
+    let nodes = start_nodes(3, &db.url, &hook_url, Some(&stream));
     let urls = Arc::new(nodes.iter().map(|s| s.url("/wx")).collect::<Vec<_>>());
 
     const PUSHES: u64 = 120;
@@ -190,6 +206,23 @@ async fn retries_across_three_nodes_join_the_first_and_run_once() {
     let deliveries: u64 = records.iter().map(|r| r["deliveries"].as_u64().unwrap()).sum();
     let attempts: usize = results.iter().map(|(_, _, _, r)| r.attempts.len()).sum();
     assert_eq!(deliveries, attempts as u64, "every delivery counted once");
+
+    // Every push is in the stream once, whichever nodes its deliveries reached.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let messages = stream.messages().await;
+        if messages.len() >= PUSHES as usize {
+            let ids: HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
+            assert_eq!(ids.len(), messages.len(), "a push published twice");
+            assert_eq!(messages.len(), PUSHES as usize);
+            for (_, key, _, _) in &results {
+                assert!(ids.contains(format!("cl:{key}").as_str()), "{key} not in the stream");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} of {PUSHES} in the stream", messages.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +232,7 @@ async fn a_node_killed_mid_run_loses_nothing_acknowledged() {
     }
     let db = PgDatabase::create();
     let (hook, hook_url) = start_hook().await;
-    let nodes = start_nodes(3, &db.url, &hook_url);
+    let nodes = start_nodes(3, &db.url, &hook_url, None);
     let urls = Arc::new(nodes.iter().map(|s| s.url("/wx")).collect::<Vec<_>>());
     let survivors = [nodes[0].config.clone(), nodes[1].config.clone()];
     let victim = Arc::new(Mutex::new(nodes.into_iter().collect::<Vec<_>>()));

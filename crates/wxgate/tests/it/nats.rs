@@ -27,15 +27,15 @@ const ALICE: &str = "oNatsAlice000000000000000001";
 const BOB: &str = "oNatsBob00000000000000000001";
 
 /// A stream of this test's own on a NATS server, deleted when the test ends.
-struct TestStream {
+pub struct TestStream {
     url: String,
-    name: String,
-    prefix: String,
+    pub name: String,
+    pub prefix: String,
     js: Option<jetstream::Context>,
 }
 
 impl TestStream {
-    async fn new(url: &str) -> TestStream {
+    pub async fn new(url: &str) -> TestStream {
         let mut stream = TestStream::new_offline(url);
         stream.connect().await;
         stream
@@ -73,7 +73,7 @@ impl TestStream {
     }
 
     /// Every message, read by a consumer from the start.
-    async fn messages(&self) -> Vec<Published> {
+    pub async fn messages(&self) -> Vec<Published> {
         let stream = self.js().get_stream(&self.name).await.unwrap();
         let consumer = stream
             .create_consumer(consumer::pull::Config {
@@ -146,10 +146,10 @@ impl Drop for TestStream {
 
 /// A message as a consumer reads it.
 #[derive(Debug)]
-struct Published {
-    subject: String,
-    msg_id: String,
-    payload: Value,
+pub struct Published {
+    pub subject: String,
+    pub msg_id: String,
+    pub payload: Value,
 }
 
 /// A `nats-server -js` of this test's own on a spare loopback port; stopped on drop.
