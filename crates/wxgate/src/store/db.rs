@@ -261,18 +261,16 @@ struct Sqlite {
     in_tx: bool,
 }
 
-impl Sqlite {
-    fn bind(params: &[V<'_>]) -> Vec<rusqlite::types::Value> {
-        use rusqlite::types::Value;
-        params
-            .iter()
-            .map(|p| match p {
-                V::Null => Value::Null,
-                V::I(n) => Value::Integer(*n),
-                V::T(t) => Value::Text((*t).to_owned()),
-                V::B(b) => Value::Integer(i64::from(*b)),
-            })
-            .collect()
+/// SQLite binds the parameters where they are, without copying text.
+impl rusqlite::ToSql for V<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value};
+        Ok(match self {
+            V::Null => ToSqlOutput::Owned(Value::Null),
+            V::I(n) => ToSqlOutput::Owned(Value::Integer(*n)),
+            V::T(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            V::B(b) => ToSqlOutput::Owned(Value::Integer(i64::from(*b))),
+        })
     }
 }
 
@@ -296,15 +294,13 @@ impl Db for Sqlite {
 
     fn exec(&mut self, sql: Sql, params: &[V<'_>]) -> Result<usize, String> {
         let mut stmt = self.conn.prepare_cached(sql.sqlite).map_err(|e| e.to_string())?;
-        stmt.execute(rusqlite::params_from_iter(Self::bind(params))).map_err(|e| e.to_string())
+        stmt.execute(rusqlite::params_from_iter(params)).map_err(|e| e.to_string())
     }
 
     fn query(&mut self, sql: Sql, params: &[V<'_>]) -> Result<Vec<Vec<Val>>, String> {
         let mut stmt = self.conn.prepare_cached(sql.sqlite).map_err(|e| e.to_string())?;
         let width = stmt.column_count();
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(Self::bind(params)))
-            .map_err(|e| e.to_string())?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params)).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(|e| e.to_string())? {
             let mut values = Vec::with_capacity(width);
