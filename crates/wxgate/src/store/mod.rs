@@ -661,30 +661,47 @@ fn commit(
     batch: &[Op],
     results: &mut Vec<Option<OpResult>>,
 ) -> Result<(), String> {
+    // Under load a batch is pushes (and delivery counts): where the database can, they
+    // go in one statement. Other ops keep the batch in order, one statement each.
+    let only_pushes =
+        batch.iter().all(|op| matches!(op, Op::Insert(..) | Op::Retry { .. } | Op::Probe(_)));
+    let mut inserted = None;
+    if only_pushes {
+        let records: Vec<&NewRecord> = batch
+            .iter()
+            .filter_map(|op| if let Op::Insert(r, _) = op { Some(&**r) } else { None })
+            .collect();
+        if records.len() > 1 {
+            inserted = db.insert_pushes(&records).transpose()?.map(Vec::into_iter);
+        }
+    }
     for op in batch {
         let result = match op {
             Op::Insert(r, _) => {
-                let changed = db.exec(
-                    INSERT,
-                    &[
-                        (&r.account).into(),
-                        (&r.dedup_key).into(),
-                        (&r.kind).into(),
-                        (&r.msg_type).into(),
-                        (&r.event).into(),
-                        (&r.from_user).into(),
-                        (&r.to_user).into(),
-                        (&r.create_time).into(),
-                        r.encrypted.into(),
-                        (&r.xml).into(),
-                        (&r.fields).into(),
-                        (&r.reply).into(),
-                        r.dead_letter.into(),
-                        (&r.error).into(),
-                        r.received_at_ms.into(),
-                        r.status.as_str().into(),
-                    ],
-                )?;
+                let changed = match inserted.as_mut() {
+                    Some(each) => usize::from(each.next().unwrap_or(false)),
+                    None => db.exec(
+                        INSERT,
+                        &[
+                            (&r.account).into(),
+                            (&r.dedup_key).into(),
+                            (&r.kind).into(),
+                            (&r.msg_type).into(),
+                            (&r.event).into(),
+                            (&r.from_user).into(),
+                            (&r.to_user).into(),
+                            (&r.create_time).into(),
+                            r.encrypted.into(),
+                            (&r.xml).into(),
+                            (&r.fields).into(),
+                            (&r.reply).into(),
+                            r.dead_letter.into(),
+                            (&r.error).into(),
+                            r.received_at_ms.into(),
+                            r.status.as_str().into(),
+                        ],
+                    )?,
+                };
                 let inserted = if changed == 1 {
                     let follower = r.from_user.as_deref().unwrap_or_default();
                     for o in &r.outbox {
