@@ -43,6 +43,8 @@ pub struct Parts {
 pub struct Live {
     by_path: RwLock<Arc<HashMap<String, Arc<AccountState>>>>,
     config: RwLock<Arc<Config>>,
+    /// The config the server started with: server-wide settings keep its values.
+    started: Arc<Config>,
     /// Each account's table as written, to tell which ones a reload changed.
     tables: Mutex<BTreeMap<String, toml::Value>>,
     parts: Parts,
@@ -64,6 +66,7 @@ impl Live {
         Live {
             by_path: RwLock::new(Arc::new(by_path)),
             config: RwLock::new(Arc::new(config.clone())),
+            started: Arc::new(config.clone()),
             tables: Mutex::new(text.map(account_tables).unwrap_or_default()),
             parts,
         }
@@ -89,7 +92,8 @@ impl Live {
     pub fn reload(&self, path: &Path) -> anyhow::Result<Changes> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
-        let config = Config::from_text(&text, path)?;
+        let config = Config::from_text(&text, path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(self.apply(&config, &text))
     }
 
@@ -125,7 +129,7 @@ impl Live {
             .filter(|a| config.account(&a.name).is_none())
             .map(|a| a.name.clone())
             .collect();
-        changes.need_restart = restart_settings(&old, config);
+        changes.need_restart = restart_settings(&self.started, config);
 
         self.parts.secrets.replace(config);
         *write(&self.by_path) = Arc::new(by_path);
@@ -164,7 +168,7 @@ fn account_tables(text: &str) -> BTreeMap<String, toml::Value> {
     accounts.iter().filter_map(|a| Some((a.get("name")?.as_str()?.to_owned(), a.clone()))).collect()
 }
 
-/// The server-wide settings that differ between two configs.
+/// The server-wide settings of `new` that differ from what the server runs with.
 fn restart_settings(old: &Config, new: &Config) -> Vec<String> {
     let mut differ = Vec::new();
     let mut check = |name: &str, same: bool| {
@@ -174,8 +178,26 @@ fn restart_settings(old: &Config, new: &Config) -> Vec<String> {
     };
     check("listen", old.listen == new.listen);
     check("metrics_listen", old.metrics_listen == new.metrics_listen);
-    check("data_dir", old.data_dir == new.data_dir);
-    check("database", old.database == new.database);
+    // The store: `database`, or `data_dir` when there is no database.
+    check(
+        if old.database.is_some() || new.database.is_some() { "database" } else { "data_dir" },
+        old.store_location() == new.store_location(),
+    );
+    let nats = |c: &Config| {
+        c.nats.as_ref().map(|n| {
+            format!(
+                "{} {} {} {:?} {:?}",
+                n.url.expose(),
+                n.stream,
+                n.subject_prefix,
+                n.max_age,
+                n.duplicate_window
+            )
+        })
+    };
+    check("nats", nats(old) == nats(new));
+    let redis = |c: &Config| c.redis.as_ref().map(|r| r.expose().to_owned());
+    check("redis", redis(old) == redis(new));
     check("dedup_window_secs", old.dedup_window_secs == new.dedup_window_secs);
     check("dedup_memory_entries", old.dedup_memory_entries == new.dedup_memory_entries);
     check("outbox", format!("{:?}", old.outbox) == format!("{:?}", new.outbox));
@@ -259,5 +281,25 @@ mod tests {
         assert_eq!(before, account_tables(ONE));
         assert_ne!(before, account_tables(&ONE.replace("one", "two")));
         assert!(account_tables("not toml [").is_empty());
+    }
+
+    #[test]
+    fn server_wide_changes_are_named_against_what_runs() {
+        const ACCOUNT: &str =
+            "[[accounts]]\nname = \"a\"\npath = \"/a\"\napp_id = \"wx1\"\ntoken = \"t\"\n";
+        let config =
+            |top: &str, tables: &str| Config::parse(&format!("{top}\n{ACCOUNT}{tables}")).unwrap();
+        let running = config("data_dir = \"d\"", "");
+        assert!(restart_settings(&running, &running).is_empty());
+        let nats = config("data_dir = \"d\"", "[nats]\nurl = \"nats://127.0.0.1:4222\"\n");
+        assert_eq!(restart_settings(&running, &nats), ["nats"]);
+        let redis = config("data_dir = \"d\"\nredis = \"redis://127.0.0.1/\"", "");
+        assert_eq!(restart_settings(&running, &redis), ["redis"]);
+        assert_eq!(restart_settings(&running, &config("data_dir = \"e\"", "")), ["data_dir"]);
+        let pg = config("database = \"postgres://u@h/db\"\ndata_dir = \"d\"", "");
+        assert_eq!(restart_settings(&running, &pg), ["database"]);
+        // With a database, data_dir is not used: changing it needs nothing.
+        let pg_e = config("database = \"postgres://u@h/db\"\ndata_dir = \"e\"", "");
+        assert!(restart_settings(&pg, &pg_e).is_empty());
     }
 }

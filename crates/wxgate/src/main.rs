@@ -28,6 +28,10 @@ enum Command {
         /// `listen`; `127.0.0.1:0` picks a free port.
         #[arg(long)]
         listen: Option<String>,
+        /// HOST:PORT of the metrics endpoint; overrides the file's `metrics_listen` (for
+        /// several nodes on one machine sharing one config file).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Check a config file and name the first field that is wrong.
     CheckConfig {
@@ -86,7 +90,9 @@ fn main() -> ExitCode {
     let prints = !matches!(cli.command, Command::Serve { .. });
     let result = match cli.command {
         Command::Sim { command } => wxgate::sim::cli::run(command),
-        Command::Serve { config, listen } => serve(config, listen).map(|()| ExitCode::SUCCESS),
+        Command::Serve { config, listen, metrics_listen } => {
+            serve(config, listen, metrics_listen).map(|()| ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => load_config(&config)
             .and_then(|c| {
                 let n = c.accounts.len();
@@ -143,7 +149,11 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
     })
 }
 
-fn serve(path: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
+fn serve(
+    path: PathBuf,
+    listen: Option<String>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The NATS client logs every failed reconnect at info; wxgate logs an outage once.
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("async_nats")) {
@@ -155,6 +165,8 @@ fn serve(path: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = load_config(&path)?;
+    // The file's value stays in `config`, so that a reload compares like with like.
+    let metrics_listen = metrics_listen.or(config.metrics_listen);
     let (addrs, shown) = match &listen {
         Some(l) => (wxgate::sim::cli::resolve("--listen", l)?, l.clone()),
         None => (vec![config.listen], config.listen.to_string()),
@@ -162,6 +174,13 @@ fn serve(path: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let app = wxgate::build(&config)?;
+        tracing::info!(
+            store = %app.store.location().display(),
+            nats = config.nats.is_some(),
+            shared_token = config.redis.is_some(),
+            accounts = config.accounts.len(),
+            "store open"
+        );
         if let Ok(text) = std::fs::read_to_string(&path) {
             app.live.seed(&text);
         }
@@ -170,7 +189,7 @@ fn serve(path: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
             path.clone(),
             std::time::Duration::from_secs(config.reload_secs),
         ));
-        if let Some(addr) = config.metrics_listen {
+        if let Some(addr) = metrics_listen {
             let metrics = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
@@ -190,6 +209,8 @@ fn serve(path: PathBuf, listen: Option<String>) -> anyhow::Result<()> {
         )
         .await?;
         // Requests in flight have been answered; let the store commit what is queued.
+        // Another node may take the cluster's chores at once.
+        app.store.release_leases(wxgate::node_id()).await;
         let flushed = tokio::task::spawn_blocking(move || {
             app.store.close(std::time::Duration::from_secs(10))
         })

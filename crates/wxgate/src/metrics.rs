@@ -163,13 +163,13 @@ impl Metrics {
             (
                 "wxgate_store_records_total",
                 "counter",
-                "Requests committed, all batches together.",
+                "Pushes recorded, all batches together.",
                 s.records as f64,
             ),
             (
                 "wxgate_store_largest_batch",
                 "gauge",
-                "Most requests committed in one transaction.",
+                "Most pushes recorded in one transaction.",
                 s.largest_batch as f64,
             ),
             (

@@ -135,6 +135,8 @@ impl Worker {
 struct Lease {
     /// Unix ms until which this node holds the lease; 0 when it does not.
     until: i64,
+    /// Unix ms before which a node without the lease does not ask again.
+    next_try: i64,
 }
 
 impl Lease {
@@ -144,6 +146,11 @@ impl Lease {
         if self.until - now > length / 2 {
             return true;
         }
+        // Without the lease, ask a few times per lease rather than at every poll.
+        if self.until == 0 && now < self.next_try {
+            return false;
+        }
+        self.next_try = now + length / 4;
         let held = store.lease("outbox", crate::node_id(), now + length).await;
         match held {
             Ok(true) => {

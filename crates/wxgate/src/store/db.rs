@@ -498,9 +498,19 @@ fn numbered(sql: &str) -> String {
     out
 }
 
-fn describe(e: &dyn std::fmt::Display) -> String {
-    // postgres::Error's Display is short ("db error"); its source holds the detail.
-    e.to_string()
+/// An error with its causes: the driver's own message is short ("db error"), what went
+/// wrong ("database \"x\" does not exist", "Connection refused") is in its sources.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// A parameter converted to the type PostgreSQL inferred for its place.

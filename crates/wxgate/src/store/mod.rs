@@ -21,6 +21,9 @@ use tracing::{error, info};
 use db::{Db, Sql, V, Val};
 pub use db::{Location, redact};
 
+/// The leases nodes take: the outbox, and the sweep of orphaned forwards.
+pub const LEASES: [&str; 2] = ["outbox", "sweep"];
+
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
 /// Requests that may wait for the writer before callers wait too.
@@ -241,7 +244,9 @@ struct Shared {
 pub struct CommitStats {
     pub commits: u64,
     pub failures: u64,
+    /// Pushes recorded.
     pub records: u64,
+    /// Most pushes recorded in one transaction.
     pub largest_batch: u64,
     pub total_commit_micros: u64,
 }
@@ -410,6 +415,14 @@ impl Store {
             .await
     }
 
+    /// Gives up every lease `holder` has (on a clean stop), so that another node takes
+    /// them over at its next look rather than when they run out. Best effort.
+    pub async fn release_leases(&self, holder: &str) {
+        for name in LEASES {
+            let _ = self.lease(name, holder, 0).await;
+        }
+    }
+
     /// Counts one more delivery of a recorded push; best effort, nobody waits for it.
     pub fn note_retry(&self, account: &str, dedup_key: &str) {
         let _ = self
@@ -569,7 +582,8 @@ fn writer(mut conn: Box<dyn Db>, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
         if outcome.is_err() {
             conn.rollback();
         }
-        note_outcome(shared, &outcome, batch.len(), started.elapsed());
+        let pushes = batch.iter().filter(|op| matches!(op, Op::Insert(..))).count();
+        note_outcome(shared, &outcome, pushes, started.elapsed());
         let mut results = results.into_iter();
         for op in batch.drain(..) {
             let result = results.next().flatten();
@@ -602,15 +616,16 @@ fn writer(mut conn: Box<dyn Db>, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
     }
 }
 
-/// Keeps the figures and logs an outage once: at its first failure and at recovery.
-fn note_outcome(shared: &Shared, outcome: &Result<(), StoreError>, batch: usize, took: Duration) {
+/// Keeps the figures (`pushes`: how many the batch recorded) and logs an outage once: at
+/// its first failure and at recovery.
+fn note_outcome(shared: &Shared, outcome: &Result<(), StoreError>, pushes: usize, took: Duration) {
     {
         let mut s = lock(&shared.stats);
         match outcome {
             Ok(()) => {
                 s.commits += 1;
-                s.records += batch as u64;
-                s.largest_batch = s.largest_batch.max(batch as u64);
+                s.records += pushes as u64;
+                s.largest_batch = s.largest_batch.max(pushes as u64);
                 s.total_commit_micros += took.as_micros() as u64;
             }
             Err(_) => s.failures += 1,

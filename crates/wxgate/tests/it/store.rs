@@ -329,6 +329,10 @@ async fn one_holder_of_a_lease_at_a_time() {
         // An expired lease goes to whoever asks.
         assert!(one.lease("short", "n1", now - 1).await.unwrap());
         assert!(two.lease("short", "n2", now + 60_000).await.unwrap(), "{}", b.name);
+        // A node that stops cleanly gives its leases up: the next node to ask has them.
+        one.release_leases("n1").await;
+        assert!(two.lease("outbox", "n2", now + 60_000).await.unwrap(), "{}: released", b.name);
+        assert!(!one.lease("outbox", "n1", now + 60_000).await.unwrap(), "{}", b.name);
     }
 }
 
