@@ -364,7 +364,7 @@ impl Push {
     /// different pushes can spell the same key.
     pub fn dedup_key(&self) -> String {
         let e = escape_part;
-        match (&self.kind, &self.msg_id) {
+        let key = match (&self.kind, &self.msg_id) {
             (Kind::Message(_), Some(id)) => format!("msg:{}:{}", e(&self.from), e(id)),
             _ => format!(
                 "{}:{}:{}:{}:{}:{}",
@@ -375,8 +375,27 @@ impl Push {
                 e(self.event_key().unwrap_or_default()),
                 digest(&self.fields),
             ),
-        }
+        };
+        bounded(key)
     }
+}
+
+/// Longest dedup key kept as it is. Databases index keys, and index entries have a size
+/// limit (PostgreSQL's B-tree takes about 2.7 KB): a longer key (a huge EventKey or
+/// MsgId) keeps its start and ends in a digest of the whole.
+pub const MAX_DEDUP_KEY: usize = 512;
+
+fn bounded(key: String) -> String {
+    if key.len() <= MAX_DEDUP_KEY {
+        return key;
+    }
+    let mut cut = 256;
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut h = Sha1::new();
+    h.update(key.as_bytes());
+    format!("{}~{}", &key[..cut], hex::encode(h.finalize()))
 }
 
 fn escape_part(s: &str) -> std::borrow::Cow<'_, str> {

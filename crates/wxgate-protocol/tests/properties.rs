@@ -55,3 +55,23 @@ fn dedup_keys_cannot_be_spelled_alike_by_different_pushes() {
     assert_ne!(text("o%3A", "1"), text("o:", "1"));
     assert_eq!(text("oPlain", "42"), "msg:oPlain:42");
 }
+
+#[test]
+fn dedup_keys_stay_short_enough_to_index_and_distinct() {
+    let click = |key: &str| {
+        Push::parse(&format!(
+            "<xml><ToUserName>gh</ToUserName><FromUserName>o1</FromUserName><CreateTime>1</CreateTime>\
+             <MsgType>event</MsgType><Event>CLICK</Event><EventKey>{key}</EventKey></xml>"
+        ))
+        .unwrap()
+        .dedup_key()
+    };
+    let long = "长".repeat(3000);
+    let a = click(&long);
+    let b = click(&format!("{long}x"));
+    assert!(a.len() <= wxgate_protocol::push::MAX_DEDUP_KEY, "{}", a.len());
+    assert_ne!(a, b, "keys differing only past the cut stay distinct");
+    assert_eq!(a, click(&long), "the same push gives the same key");
+    let short = click("MENU_A");
+    assert!(short.contains("MENU_A") && !short.contains('~'), "{short}");
+}
