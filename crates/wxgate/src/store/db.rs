@@ -191,6 +191,11 @@ pub(crate) trait Db: Send {
     fn commit(&mut self) -> Result<(), String>;
     /// Abandons the open transaction, if any.
     fn rollback(&mut self);
+    /// Whether the database is reachable as far as the connection knows (a failure
+    /// while it is, is the database refusing a statement).
+    fn connected(&self) -> bool {
+        true
+    }
     /// Runs a statement; answers how many rows it changed.
     fn exec(&mut self, sql: Sql, params: &[V<'_>]) -> Result<usize, String>;
     /// Runs a query; answers its rows.
@@ -333,12 +338,21 @@ struct Postgres {
     url: String,
     client: Option<postgres::Client>,
     prepared: HashMap<&'static str, postgres::Statement>,
+    /// Set by a reconnect: the database may have been recreated since, so the next
+    /// transaction makes sure the schema is there.
+    check_schema: bool,
 }
 
 impl Postgres {
     fn connect(url: &str) -> Result<Postgres, String> {
-        let mut db = Postgres { url: url.to_owned(), client: None, prepared: HashMap::new() };
+        let mut db = Postgres {
+            url: url.to_owned(),
+            client: None,
+            prepared: HashMap::new(),
+            check_schema: false,
+        };
         db.client()?;
+        db.check_schema = false;
         Ok(db)
     }
 
@@ -349,8 +363,19 @@ impl Postgres {
             if config.get_connect_timeout().is_none() {
                 config.connect_timeout(Duration::from_secs(2));
             }
+            // A server that stops answering (a network that drops packets) must not hold
+            // the writer for good: unacknowledged data times out, an idle link is probed,
+            // and no statement runs longer than 10 s (a lock behind a long purge).
+            config
+                .tcp_user_timeout(Duration::from_secs(5))
+                .keepalives(true)
+                .keepalives_idle(Duration::from_secs(5));
+            if config.get_options().is_none() {
+                config.options("-c statement_timeout=10000 -c lock_timeout=5000");
+            }
             config.application_name("wxgate");
             self.client = Some(config.connect(postgres::NoTls).map_err(|e| describe(&e))?);
+            self.check_schema = true;
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
@@ -425,9 +450,18 @@ impl Drop for Postgres {
 
 impl Postgres {
     fn insert_many(&mut self, records: &[&NewRecord]) -> Result<Vec<bool>, String> {
-        let text = |f: fn(&NewRecord) -> &str| records.iter().map(|r| f(r)).collect::<Vec<&str>>();
+        // In key order, so that two nodes inserting the same keys lock them in the same
+        // order and never deadlock (the sort is stable: a key's first push stays first).
+        let mut sorted: Vec<&NewRecord> = records.to_vec();
+        sorted.sort_by(|a, b| (&a.account, &a.dedup_key).cmp(&(&b.account, &b.dedup_key)));
+        let text = |f: fn(&NewRecord) -> &str| {
+            sorted.iter().map(|r| pg_text(f(r))).collect::<Vec<std::borrow::Cow<'_, str>>>()
+        };
         let opt = |f: fn(&NewRecord) -> Option<&str>| {
-            records.iter().map(|r| f(r)).collect::<Vec<Option<&str>>>()
+            sorted
+                .iter()
+                .map(|r| f(r).map(pg_text))
+                .collect::<Vec<Option<std::borrow::Cow<'_, str>>>>()
         };
         let (account, key, kind) =
             (text(|r| &r.account), text(|r| &r.dedup_key), text(|r| &r.kind));
@@ -436,12 +470,12 @@ impl Postgres {
         let from = opt(|r| r.from_user.as_deref());
         let to = opt(|r| r.to_user.as_deref());
         let create_time = opt(|r| r.create_time.as_deref());
-        let encrypted: Vec<bool> = records.iter().map(|r| r.encrypted).collect();
+        let encrypted: Vec<bool> = sorted.iter().map(|r| r.encrypted).collect();
         let (xml, fields) = (text(|r| &r.xml), text(|r| &r.fields));
         let reply = opt(|r| r.reply.as_deref());
-        let dead_letter: Vec<bool> = records.iter().map(|r| r.dead_letter).collect();
+        let dead_letter: Vec<bool> = sorted.iter().map(|r| r.dead_letter).collect();
         let error = opt(|r| r.error.as_deref());
-        let received: Vec<i64> = records.iter().map(|r| r.received_at_ms).collect();
+        let received: Vec<i64> = sorted.iter().map(|r| r.received_at_ms).collect();
         let status = text(|r| r.status.as_str());
         let stmt = if let Some(s) = self.prepared.get(INSERT_MANY) {
             s.clone()
@@ -479,9 +513,18 @@ impl Postgres {
         // A key twice in one batch: its first push is the one inserted.
         Ok(records
             .iter()
-            .map(|r| inserted.remove(&(r.account.clone(), r.dedup_key.clone())))
+            .map(|r| {
+                let stored = (pg_text(&r.account).into_owned(), pg_text(&r.dedup_key).into_owned());
+                inserted.remove(&stored)
+            })
             .collect())
     }
+}
+
+/// PostgreSQL's text cannot hold NUL (U+0000), which SQLite keeps and a push may carry
+/// inside CDATA: it is stored as U+FFFD, so that the push is kept rather than refused.
+fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') { s.replace('\0', "\u{FFFD}").into() } else { s.into() }
 }
 
 /// `?N` → `$N`, PostgreSQL's parameter marks.
@@ -534,7 +577,7 @@ impl PgParam {
             V::I(n) => PgParam::I8(n),
             V::B(b) if *ty == Type::INT8 => PgParam::I8(i64::from(b)),
             V::B(b) => PgParam::B(b),
-            V::T(t) => PgParam::T(t.to_owned()),
+            V::T(t) => PgParam::T(pg_text(t).into_owned()),
         }
     }
 }
@@ -572,11 +615,22 @@ const INSERT_MANY: &str =
     RETURNING account, dedup_key";
 
 impl Db for Postgres {
+    fn connected(&self) -> bool {
+        self.client.as_ref().is_some_and(|c| !c.is_closed())
+    }
+
     fn insert_pushes(&mut self, records: &[&NewRecord]) -> Option<Result<Vec<bool>, String>> {
         Some(self.insert_many(records))
     }
 
     fn begin(&mut self) -> Result<(), String> {
+        self.client()?;
+        if std::mem::take(&mut self.check_schema) {
+            if let Err(e) = self.migrate() {
+                self.check_schema = true;
+                return Err(e);
+            }
+        }
         self.client()?.batch_execute("BEGIN").map_err(|e| describe(&e))
     }
 

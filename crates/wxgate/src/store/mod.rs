@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use db::{Db, Sql, V, Val};
 pub use db::{Location, redact};
@@ -574,18 +574,32 @@ fn writer(mut conn: Box<dyn Db>, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
         // One result per op, in order (None for delivery counts, which nobody awaits).
         let mut results = Vec::with_capacity(batch.len());
         let started = Instant::now();
-        let outcome = conn
-            .begin()
-            .and_then(|()| commit(conn.as_mut(), &batch, &mut results))
-            .and_then(|()| conn.commit())
-            .map_err(StoreError::Write);
-        if outcome.is_err() {
-            conn.rollback();
+        let mut outcome = transaction(conn.as_mut(), &batch, &mut results);
+        let mut outcomes = vec![outcome.clone(); batch.len()];
+        if outcome.is_err() && batch.len() > 1 && conn.connected() {
+            // The database is there but refused the batch: one record it cannot take
+            // (or a deadlock with another node) must not fail the others. Each op alone.
+            results.clear();
+            for (op, each) in batch.iter().zip(outcomes.iter_mut()) {
+                let mut one = Vec::with_capacity(1);
+                *each = transaction(conn.as_mut(), std::slice::from_ref(op), &mut one);
+                results.push(one.pop().flatten());
+                if let Err(e) = each {
+                    warn!(target: "wxgate::store", error = %e, "the store refused one request; the others of its batch are kept");
+                }
+            }
+            if outcomes.iter().any(Result::is_ok) {
+                outcome = Ok(());
+            }
         }
-        let pushes = batch.iter().filter(|op| matches!(op, Op::Insert(..))).count();
+        let pushes = batch
+            .iter()
+            .zip(&outcomes)
+            .filter(|(op, o)| matches!(op, Op::Insert(..)) && o.is_ok())
+            .count();
         note_outcome(shared, &outcome, pushes, started.elapsed());
         let mut results = results.into_iter();
-        for op in batch.drain(..) {
+        for (op, outcome) in batch.drain(..).zip(outcomes) {
             let result = results.next().flatten();
             match op {
                 Op::Insert(_, done) => {
@@ -614,6 +628,23 @@ fn writer(mut conn: Box<dyn Db>, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
             }
         }
     }
+}
+
+/// Runs ops as one transaction; rolled back when it fails.
+fn transaction(
+    conn: &mut dyn Db,
+    ops: &[Op],
+    results: &mut Vec<Option<OpResult>>,
+) -> Result<(), StoreError> {
+    let outcome = conn
+        .begin()
+        .and_then(|()| commit(conn, ops, results))
+        .and_then(|()| conn.commit())
+        .map_err(StoreError::Write);
+    if outcome.is_err() {
+        conn.rollback();
+    }
+    outcome
 }
 
 /// Keeps the figures (`pushes`: how many the batch recorded) and logs an outage once: at
@@ -868,7 +899,19 @@ fn commit(
                 db.exec(COUNT_DELIVERY, &[account.into(), dedup_key.into()])?;
                 None
             }
-            Op::Probe(_) | Op::Close => None,
+            // Readiness means a write goes through (a read-only database commits empty
+            // transactions just fine).
+            Op::Probe(_) => {
+                db.exec(
+                    Sql::both(
+                        "INSERT INTO leases (name, holder, expires_at) VALUES ('probe', ?1, ?2)
+                         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+                    ),
+                    &[crate::node_id().into(), now_ms().into()],
+                )?;
+                None
+            }
+            Op::Close => None,
         };
         results.push(result);
     }

@@ -363,3 +363,79 @@ async fn a_postgres_store_that_goes_away_fails_writes_and_recovers() {
         .collect();
     assert_eq!(keys, ["before", "after"]);
 }
+
+#[tokio::test]
+async fn a_record_the_database_refuses_fails_alone_and_nul_is_kept() {
+    for b in backends() {
+        let store = Store::open(&b.at).unwrap();
+        // NUL inside CDATA is XML the reader keeps; PostgreSQL's text cannot hold it.
+        let mut nul = record("a", "nul\0key", "o\0", Some("<xml>a\0b</xml>"));
+        nul.xml = "<xml><Content><![CDATA[a\0b]]></Content></xml>".into();
+        assert_eq!(store.insert(nul.clone()).await.unwrap(), Inserted::New, "{}", b.name);
+        assert!(
+            matches!(store.insert(nul).await.unwrap(), Inserted::Existing { .. }),
+            "{}",
+            b.name
+        );
+
+        // A key far beyond what an index entry holds (the protocol never makes one, but
+        // the store must not let one record sink its batch): in one batch with others.
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let s = store.clone();
+                // Random, so that PostgreSQL cannot compress it under its limit.
+                let mut noise = [0u8; 5000];
+                getrandom::fill(&mut noise).unwrap();
+                let key = if i == 7 { hex::encode(noise) } else { format!("ok{i}") };
+                tokio::spawn(async move { (i, s.insert(record("a", &key, "o", None)).await) })
+            })
+            .collect();
+        for t in tasks {
+            let (i, result) = t.await.unwrap();
+            if i == 7 {
+                // PostgreSQL's index refuses it; SQLite has no such limit.
+                assert_eq!(result.is_err(), b.name == "postgres", "{}: {result:?}", b.name);
+            } else {
+                assert_eq!(
+                    result.unwrap(),
+                    Inserted::New,
+                    "{}: push {i} failed with the poison",
+                    b.name
+                );
+            }
+        }
+        assert!(store.healthy(), "{}", b.name);
+        let at = b.at.clone();
+        let rows = blocking(move || store::read_all(at, None).unwrap()).await;
+        assert!(rows.len() >= 20, "{}: {}", b.name, rows.len());
+        assert!(rows[0].xml.starts_with("<xml><Content><![CDATA[a"), "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_postgres_is_not_ready() {
+    if !services::require(Service::Postgres) {
+        return;
+    }
+    let db = PgDatabase::create();
+    let store = Store::open(Location::Postgres(db.url.clone())).unwrap();
+    store.probe(Duration::from_secs(5)).await.unwrap();
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    // As after a failover onto a standby: the database takes reads, refuses writes.
+    services::admin(&format!("ALTER DATABASE {name} SET default_transaction_read_only = on"));
+    services::admin(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'wxgate' AND datname = '{name}'"
+    ));
+    let _ = store.probe(Duration::from_secs(5)).await; // meets the cut connection
+    assert!(
+        store.probe(Duration::from_secs(5)).await.is_err(),
+        "a read-only database is not ready"
+    );
+    assert!(store.insert(record("a", "ro", "o", None)).await.is_err());
+    services::admin(&format!("ALTER DATABASE {name} SET default_transaction_read_only = off"));
+    services::admin(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'wxgate' AND datname = '{name}'"
+    ));
+    let _ = store.probe(Duration::from_secs(5)).await;
+    store.probe(Duration::from_secs(5)).await.unwrap();
+}
