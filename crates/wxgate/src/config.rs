@@ -197,16 +197,29 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A server URL without the credentials it may carry (`user:password@`), for logs.
+/// A server URL without the credentials it may carry, for logs and errors: the user
+/// information (up to the last `@` before the query: a password may hold `/` or `@`) and
+/// the values of query parameters named `password` or `pass`.
 pub fn redacted_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let (before_query, query) = rest.split_once('?').map_or((rest, None), |(b, q)| (b, Some(q)));
+    let host_and_path = before_query.rsplit_once('@').map_or(before_query, |(_, h)| h);
     let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
-    match path {
-        Some(path) => format!("{scheme}{host}/{path}"),
-        None => format!("{scheme}{host}"),
-    }
+    let query = query.map_or(String::new(), |q| {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{k}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        format!("?{}", pairs.join("&"))
+    });
+    format!("{scheme}{host_and_path}{query}")
 }
 
 /// One Official Account served on its own path.
@@ -877,7 +890,18 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
         assert_eq!(redacted_url("nats://u:p@127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(redacted_url("u:p@127.0.0.1:4222"), "127.0.0.1:4222");
         assert_eq!(redacted_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
-        assert_eq!(redacted_url("redis://h/a@b"), "redis://h/a@b");
+        // An `@` after the host is taken for the end of a password: better too much hidden.
+        assert_eq!(redacted_url("redis://h/a@b"), "redis://b");
+        assert_eq!(redacted_url("postgres://u:S3cr/et@h:5432/db"), "postgres://h:5432/db");
+        assert_eq!(redacted_url("postgres://u:a@b@h/db"), "postgres://h/db");
+        assert_eq!(
+            redacted_url("postgres://u@h/db?password=S3cret&x=1"),
+            "postgres://h/db?password=***&x=1"
+        );
+        assert_eq!(
+            redacted_url("redis+unix:///run/r.sock?pass=S3cret"),
+            "redis+unix:///run/r.sock?pass=***"
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ use crate::outbox::Secrets;
 use crate::store::Store;
 use crate::wechat_api;
 
+/// How long a changed config file must stay unchanged before it is read.
+const SETTLE: Duration = Duration::from_millis(200);
+
 /// What every account's state shares.
 #[derive(Clone)]
 pub struct Parts {
@@ -207,13 +210,31 @@ fn restart_settings(old: &Config, new: &Config) -> Vec<String> {
     differ
 }
 
+/// SIGHUP, caught from the moment this is made (the default action ends the process).
+pub struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Starts catching SIGHUP; call it inside the runtime, before anything slow.
+    pub fn listen() -> Hangups {
+        Hangups {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+}
+
 /// Reloads `path` on SIGHUP and whenever its modification time changes (looked at every
 /// `every`; zero: on SIGHUP only). Runs until the runtime stops.
-pub async fn watch(live: Arc<Live>, path: PathBuf, every: Duration) {
+pub async fn watch(live: Arc<Live>, path: PathBuf, every: Duration, hangups: Hangups) {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = modified(&path);
     #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hup = hangups.signal;
+    #[cfg(not(unix))]
+    let _ = hangups;
     loop {
         let tick = async {
             if every.is_zero() {
@@ -236,11 +257,18 @@ pub async fn watch(live: Arc<Live>, path: PathBuf, every: Duration) {
             () = tick => false,
             () = signalled => true,
         };
-        let now = modified(&path);
-        if !by_signal && now == seen {
+        let before = modified(&path);
+        if !by_signal && before == seen {
             continue;
         }
-        seen = now;
+        // A file being written now is read once it has stopped changing, so that a
+        // valid prefix of it is never served.
+        tokio::time::sleep(SETTLE).await;
+        let after = modified(&path);
+        if !by_signal && after != before {
+            continue;
+        }
+        seen = after;
         let (l, p) = (live.clone(), path.clone());
         match tokio::task::spawn_blocking(move || l.reload(&p)).await {
             Ok(Ok(c)) => {

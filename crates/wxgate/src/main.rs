@@ -159,6 +159,10 @@ fn serve(
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("async_nats")) {
         filter = filter.add_directive("async_nats=warn".parse().expect("a valid directive"));
     }
+    // PostgreSQL's driver logs each statement with its parameters (push bodies) at debug.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("tokio_postgres")) {
+        filter = filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -173,6 +177,8 @@ fn serve(
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        // Before anything slow: a SIGHUP during start-up must not end the process.
+        let hangups = wxgate::live::Hangups::listen();
         let app = wxgate::build(&config)?;
         tracing::info!(
             store = %app.store.location().display(),
@@ -188,6 +194,7 @@ fn serve(
             app.live.clone(),
             path.clone(),
             std::time::Duration::from_secs(config.reload_secs),
+            hangups,
         ));
         if let Some(addr) = metrics_listen {
             let metrics = tokio::net::TcpListener::bind(addr)

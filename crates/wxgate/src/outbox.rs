@@ -28,8 +28,9 @@ use crate::store::{Attempted, Due, Store};
 
 /// How long one background delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most entries attempted at once.
-const BATCH: usize = 64;
+/// Most entries attempted at once (and read per look): with the default 200 ms between
+/// looks, the outbox hands on up to about 2,500 entries a second.
+const BATCH: usize = 512;
 /// Longest wait between two tries of a publish while NATS is not connected, so that the
 /// outbox catches up soon after it is back.
 const NOT_CONNECTED_RETRY_MAX: Duration = Duration::from_secs(10);
@@ -91,6 +92,7 @@ impl Worker {
     async fn run(self) {
         let in_flight: Arc<std::sync::Mutex<HashSet<i64>>> = Arc::default();
         let mut lease = Lease::default();
+        let mut unreadable = false;
         loop {
             if self.store.shared() && !lease.hold(&self.store, self.cfg.lease).await {
                 tokio::time::sleep(self.cfg.poll).await;
@@ -99,9 +101,17 @@ impl Worker {
             let store = self.store.clone();
             let due = tokio::task::spawn_blocking(move || store.due(unix_ms(), BATCH)).await;
             let due = match due {
-                Ok(Ok(due)) => due,
+                Ok(Ok(due)) => {
+                    if std::mem::take(&mut unreadable) {
+                        info!(target: "wxgate::outbox", "the outbox can be read again");
+                    }
+                    due
+                }
                 Ok(Err(e)) => {
-                    warn!(target: "wxgate::outbox", error = %e, "cannot read the outbox");
+                    // Once per outage: the store logs the outage itself too.
+                    if !std::mem::replace(&mut unreadable, true) {
+                        warn!(target: "wxgate::outbox", error = %e, "cannot read the outbox");
+                    }
                     Vec::new()
                 }
                 Err(_) => Vec::new(),
@@ -179,6 +189,15 @@ async fn deliver(targets: &Targets, store: &Store, cfg: OutboxConfig, entry: Due
             Err(e @ PublishError::NotConnected) => (Err(e.to_string()), true),
             other => (other.map_err(|e| e.to_string()), false),
         },
+        // An account missing from the config (a reload removed it, perhaps for a
+        // moment): its entries wait for it rather than fail.
+        None if !targets.secrets.current().contains_key(&entry.account) => (
+            Err(format!(
+                "account {:?} is not in the config (or has no forward_secret); waiting for it",
+                entry.account
+            )),
+            true,
+        ),
         None => (send(targets, &entry).await, false),
     };
     let attempted = match result {
@@ -186,10 +205,11 @@ async fn deliver(targets: &Targets, store: &Store, cfg: OutboxConfig, entry: Due
             debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, "delivered");
             Attempted::Delivered
         }
-        // Not an attempt: the entry waits for NATS, and counts no failure.
+        // Not an attempt: the entry waits for NATS or for its account, and counts no
+        // failure.
         Err(reason) if waiting => {
             let retry = cfg.backoff.min(NOT_CONNECTED_RETRY_MAX);
-            debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, error = %reason, "publish waits for NATS");
+            debug!(target: "wxgate::outbox", account = %entry.account, id = entry.id, error = %reason, "entry waits");
             Attempted::Deferred { reason, next_at_ms: unix_ms() + retry.as_millis() as i64 }
         }
         Err(error) => {

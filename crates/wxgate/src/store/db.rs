@@ -66,21 +66,9 @@ impl From<&PathBuf> for Location {
     }
 }
 
-/// A URL with any password replaced by `***`.
+/// A URL without the credentials it may carry (see [`crate::config::redacted_url`]).
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-    let authority = match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{name}:***@{host}"),
-            None => format!("{user}@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    match path {
-        Some(p) => format!("{scheme}://{authority}/{p}"),
-        None => format!("{scheme}://{authority}"),
-    }
+    crate::config::redacted_url(url)
 }
 
 /// A statement; `?1`, `?2`… mark its parameters in both texts.
@@ -625,11 +613,11 @@ impl Db for Postgres {
 
     fn begin(&mut self) -> Result<(), String> {
         self.client()?;
-        if std::mem::take(&mut self.check_schema) {
-            if let Err(e) = self.migrate() {
-                self.check_schema = true;
-                return Err(e);
-            }
+        if std::mem::take(&mut self.check_schema)
+            && let Err(e) = self.migrate()
+        {
+            self.check_schema = true;
+            return Err(e);
         }
         self.client()?.batch_execute("BEGIN").map_err(|e| describe(&e))
     }
@@ -688,8 +676,7 @@ mod tests {
 
     #[test]
     fn passwords_never_show() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact("postgres://u@h/db?x=1"), "postgres://u@h/db?x=1");
-        assert_eq!(redact("postgres://h"), "postgres://h");
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://h:5432/db");
+        assert_eq!(redact("postgres://u:S3cr/et@h:5432/db"), "postgres://h:5432/db");
     }
 }
