@@ -24,6 +24,9 @@ pub use db::{Location, redact};
 /// The leases nodes take: the outbox, and the sweep of orphaned forwards.
 pub const LEASES: [&str; 2] = ["outbox", "sweep"];
 
+/// Longest wait for a push's commit: WeChat gives up after 5 s.
+const INSERT_WAIT: Duration = Duration::from_millis(4500);
+
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
 /// Requests that may wait for the writer before callers wait too.
@@ -233,6 +236,8 @@ pub struct Store {
 struct Shared {
     /// False from a failed commit until the next successful one.
     healthy: AtomicBool,
+    /// True from a push that waited too long for its commit until the next commit.
+    stalled: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
     stats: Mutex<CommitStats>,
     /// A connection kept for the handle's own reads.
@@ -267,6 +272,7 @@ impl Store {
         let (tx, rx) = mpsc::channel(QUEUE);
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
+            stalled: AtomicBool::new(false),
             writer: Mutex::new(None),
             stats: Mutex::default(),
             reader: Mutex::new(None),
@@ -343,9 +349,19 @@ impl Store {
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Records a push durably; resolves once its transaction has committed.
+    /// Records a push durably; resolves once its transaction has committed, or fails
+    /// when that takes longer than WeChat waits (a database that stopped answering).
     pub async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
-        self.ask(|done| Op::Insert(Box::new(record), done)).await
+        let asked = self.ask(|done| Op::Insert(Box::new(record), done));
+        match tokio::time::timeout(INSERT_WAIT, asked).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                if !self.shared.stalled.swap(true, Ordering::Relaxed) {
+                    error!(target: "wxgate::store", "the store has not committed for {INSERT_WAIT:?}; pushes are refused (503) so that WeChat delivers them again");
+                }
+                Err(StoreError::Write(format!("no commit within {INSERT_WAIT:?}")))
+            }
+        }
     }
 
     /// Changes the answer of a recorded push; resolves once committed.
@@ -661,6 +677,9 @@ fn note_outcome(shared: &Shared, outcome: &Result<(), StoreError>, pushes: usize
             }
             Err(_) => s.failures += 1,
         }
+    }
+    if outcome.is_ok() && shared.stalled.swap(false, Ordering::Relaxed) {
+        info!(target: "wxgate::store", "the store commits again");
     }
     match outcome {
         Ok(()) if !shared.healthy.swap(true, Ordering::Relaxed) => {

@@ -311,9 +311,18 @@ fn accounts_config(database: &str, accounts: &[(&str, &str, &str)]) -> String {
 
 /// The text reply a node gives at `path`, or the HTTP status when it refuses.
 async fn ask(server: &Server, path: &str, n: u64) -> Result<String, String> {
+    ask_within(server, path, n, Duration::from_secs(2)).await
+}
+
+/// The same, waiting up to `deadline` for the answer.
+async fn ask_within(
+    server: &Server,
+    path: &str,
+    n: u64,
+    deadline: Duration,
+) -> Result<String, String> {
     let inner = compose::text(GH, "oReloadFollower", 1_733_340_000 + n, "hi", 8_000_000 + n);
-    let rules =
-        Rules { deadline: Duration::from_secs(2), attempts: 1, retry_interval: Duration::ZERO };
+    let rules = Rules { deadline, attempts: 1, retry_interval: Duration::ZERO };
     let report = deliver_across(
         &Http::new(rules.deadline),
         &wechat(),
@@ -462,4 +471,24 @@ async fn postgres_stopping_under_load_fails_deliveries_and_recovers_by_itself() 
     let errors = logs.iter().filter(|l| l.contains("store cannot write")).count();
     let recoveries = logs.iter().filter(|l| l.contains("store recovered")).count();
     assert_eq!((errors, recoveries), (1, 1), "{logs:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_gets_pushes_refused_in_time() {
+    let Some(pg) = services::PrivatePostgres::start() else { return };
+    let node = Server::start(&accounts_config(&pg.url, &[("a", "/a", "stored")]));
+    until_answer(&node, "/a", Ok("stored")).await;
+    // Frozen: connections stay open, nothing answers. WeChat waits 5 s at most; so
+    // does wxgate, and then refuses the push rather than leave WeChat hanging.
+    pg.signal_all("STOP");
+    let started = Instant::now();
+    let got = ask_within(&node, "/a", 1_000_000, Duration::from_secs(6)).await;
+    let took = started.elapsed();
+    pg.signal_all("CONT");
+    assert_eq!(got, Err("503".to_owned()), "a push to a frozen database");
+    assert!(took < Duration::from_millis(4900), "answered after {took:?}");
+    until_answer(&node, "/a", Ok("stored")).await;
+    let logs = node.logs();
+    assert_eq!(logs.iter().filter(|l| l.contains("has not committed")).count(), 1, "{logs:#?}");
+    assert!(logs.iter().any(|l| l.contains("the store commits again")), "{logs:#?}");
 }

@@ -177,6 +177,21 @@ impl PrivatePostgres {
             .arg("start"));
     }
 
+    /// Freezes (`STOP`) or thaws (`CONT`) every process of the server: a database that
+    /// stops answering without closing its connections.
+    pub fn signal_all(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).unwrap();
+        let pid = pid.lines().next().unwrap().trim().to_owned();
+        let children = Command::new("pgrep").args(["-P", &pid]).output().unwrap();
+        let mut pids = vec![pid];
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_owned),
+        );
+        for p in pids {
+            let _ = Command::new("kill").args([&format!("-{signal}"), &p]).status();
+        }
+    }
+
     /// Stops the server at once, as a crash would.
     pub fn down(&self) {
         run(as_owner(&self.bin.join("pg_ctl"))
@@ -188,6 +203,7 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        self.signal_all("CONT");
         let _ = as_owner(&self.bin.join("pg_ctl"))
             .args(["-w", "-m", "immediate", "-D"])
             .arg(self.dir.path().join("data"))
