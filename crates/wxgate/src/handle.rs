@@ -26,7 +26,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use wxgate_protocol::push::{Event, Kind, PushError};
 use wxgate_protocol::{Push, Reply, reply, xml};
 
@@ -168,7 +168,22 @@ impl AccountState {
         };
 
         let entry = OutboxEntry { url: format!("{}{subject}", nats::SCHEME), payload };
-        match self.store.enqueue(account, key, &push.from, entry).await {
+        let queued = self.store.enqueue(account, key, &push.from, entry).await;
+        if let nats::PublishError::TooLarge(..) = e {
+            // No delivery of it will ever be published: answer it, and let the outbox
+            // park the entry where `wxgate outbox list --state dead` shows it.
+            error!(account, kind = push.kind_name(), error = %e, "push too large for NATS; answered without publishing, parked in the outbox");
+            return Ok(());
+        }
+        match queued {
+            // The outage itself is logged once, by the publisher.
+            Ok(()) if matches!(e, nats::PublishError::NotConnected) => {
+                debug!(
+                    account,
+                    kind = push.kind_name(),
+                    "publish before the reply waits for NATS; queued in the outbox, the delivery refused"
+                );
+            }
             Ok(()) => {
                 warn!(account, kind = push.kind_name(), error = %e, "publish before the reply failed; queued in the outbox, and the delivery refused so that WeChat delivers again")
             }

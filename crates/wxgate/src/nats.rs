@@ -42,6 +42,9 @@ pub enum PublishError {
     TimedOut(Duration),
     #[error("{0}")]
     Failed(String),
+    /// Larger than the server takes (its `max_payload`): no retry can help.
+    #[error("the message is {0} bytes; NATS takes at most {1}")]
+    TooLarge(usize, usize),
 }
 
 /// Who publishes: the outbox (background) or the push's own delivery (before reply).
@@ -299,6 +302,7 @@ impl Publisher {
             Err(PublishError::NotConnected) => "not_connected",
             Err(PublishError::TimedOut(_)) => "timed_out",
             Err(PublishError::Failed(_)) => "failed",
+            Err(PublishError::TooLarge(..)) => "too_large",
         };
         self.metrics.published(account, via.as_str(), outcome);
         result
@@ -315,6 +319,10 @@ impl Publisher {
         // Fail at once rather than queue in the client while it is disconnected.
         if js.client().connection_state() != async_nats::connection::State::Connected {
             return Err(PublishError::NotConnected);
+        }
+        let limit = js.client().server_info().max_payload;
+        if limit > 0 && payload.len() > limit {
+            return Err(PublishError::TooLarge(payload.len(), limit));
         }
         if !self.stream_ready.load(Ordering::SeqCst) {
             self.ensure_stream(false).await?;

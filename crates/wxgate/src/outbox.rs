@@ -184,9 +184,14 @@ impl Lease {
 async fn deliver(targets: &Targets, store: &Store, cfg: OutboxConfig, entry: Due) {
     // While NATS is away, publishes wait: never parked as dead for it, tried again
     // soon, and logged once by the publisher rather than once per entry.
+    let mut hopeless = false;
     let (result, waiting) = match entry.url.strip_prefix(nats::SCHEME) {
         Some(subject) => match publish(targets, &entry, subject).await {
             Err(e @ PublishError::NotConnected) => (Err(e.to_string()), true),
+            Err(e @ PublishError::TooLarge(..)) => {
+                hopeless = true;
+                (Err(e.to_string()), false)
+            }
             other => (other.map_err(|e| e.to_string()), false),
         },
         // An account missing from the config (a reload removed it, perhaps for a
@@ -214,7 +219,8 @@ async fn deliver(targets: &Targets, store: &Store, cfg: OutboxConfig, entry: Due
         }
         Err(error) => {
             let attempts = entry.attempts as u32 + 1;
-            let dead = attempts >= cfg.max_attempts;
+            // Too large for NATS: parked at once, so that it holds up no later entry.
+            let dead = attempts >= cfg.max_attempts || hopeless;
             let backoff =
                 cfg.backoff.saturating_mul(1 << (attempts - 1).min(20)).min(cfg.backoff_max);
             warn!(target: "wxgate::outbox", account = %entry.account, id = entry.id, attempts, dead, error = %error, "background delivery failed");

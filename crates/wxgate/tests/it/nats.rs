@@ -157,6 +157,8 @@ struct PrivateNats {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Largest message the server takes, when not its default.
+    max_payload: Option<usize>,
 }
 
 impl PrivateNats {
@@ -173,7 +175,12 @@ impl PrivateNats {
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Some(PrivateNats { port, dir: tempfile::tempdir().unwrap(), child: None })
+        Some(PrivateNats {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            max_payload: None,
+        })
     }
 
     fn url(&self) -> String {
@@ -182,7 +189,13 @@ impl PrivateNats {
 
     /// Starts the server and waits until it takes connections.
     fn start(&mut self) {
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(max) = self.max_payload {
+            let file = self.dir.path().join("server.conf");
+            std::fs::write(&file, format!("max_payload: {max}\n")).unwrap();
+            command.arg("-c").arg(file);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -477,7 +490,8 @@ async fn before_the_reply_the_push_is_in_the_stream_and_without_nats_the_deliver
         async move { n == 1 }
     })
     .await;
-    assert_eq!(count_lines(&logs, "publish before the reply failed"), 2, "one per failure");
+    // The outage is logged once (above), not once per refused delivery.
+    assert_eq!(count_lines(&logs, "publish before the reply failed"), 0, "{logs:#?}");
     assert!(!logs.iter().any(|l| l.contains("nobody home")), "no message bodies in the log");
 }
 
@@ -575,4 +589,36 @@ async fn before_the_reply_a_retry_once_nats_is_back_publishes_once_and_gets_the_
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(stream.count().await, 1, "published twice, in the stream once");
     assert_one_message_per_record(&stream, &server.records()).await;
+}
+
+#[tokio::test]
+async fn a_push_too_large_for_nats_is_answered_parked_and_holds_up_nothing() {
+    let Some(mut nats) = PrivateNats::prepare() else { return };
+    nats.max_payload = Some(4096);
+    nats.start();
+    let stream = TestStream::new(&nats.url()).await;
+    for mode in ["background", "before_reply"] {
+        let server =
+            Server::start(&stream.config_text(&nats.url(), &format!("publish = \"{mode}\""), ""));
+        let n = if mode == "background" { 0 } else { 10 };
+        let big = compose::text(GH, ALICE, 1_733_410_000 + n, &"x".repeat(6000), 7_200_000 + n);
+        let small = compose::text(GH, ALICE, 1_733_410_001 + n, "small", 7_200_001 + n);
+        // Answered: no retry could ever publish it.
+        answered(&server, &big).await;
+        answered(&server, &small).await;
+        until("the big one parked, the small one published", Duration::from_secs(10), || {
+            let dead = outbox(server.dir.path(), "dead");
+            let delivered =
+                outbox(server.dir.path(), "delivered").len() + usize::from(mode == "before_reply");
+            async move { dead.len() == 1 && delivered >= 1 }
+        })
+        .await;
+        let dead = &outbox(server.dir.path(), "dead")[0];
+        assert!(
+            dead.last_error.as_deref().unwrap_or_default().contains("NATS takes at most"),
+            "{dead:?}"
+        );
+    }
+    let subjects: Vec<String> = stream.messages().await.into_iter().map(|m| m.subject).collect();
+    assert_eq!(subjects.len(), 2, "the two small pushes: {subjects:?}");
 }
