@@ -247,6 +247,9 @@ pub fn forget(config: &Config, account: &str, openid: &str) -> anyhow::Result<us
 }
 
 /// Deletes records past their retention, every `interval`.
+/// Most records one purge transaction deletes.
+const PURGE_SLICE: usize = 2000;
+
 async fn purge_old_records(store: Store, retention: config::Retention) {
     loop {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -255,10 +258,35 @@ async fn purge_old_records(store: Store, retention: config::Retention) {
             retention.kinds.iter().map(|(k, d)| (Some(k.clone()), cutoff(*d))).collect();
         // Without a default, the named kinds still count as "kinds with their own cutoff".
         cutoffs.push((None, retention.default.map_or(0, cutoff)));
-        match store.purge(cutoffs).await {
-            Ok(0) => {}
-            Ok(n) => info!(records = n, "purged records past their retention"),
-            Err(e) => tracing::warn!(error = %e, "purge failed; will try again"),
+        // With a shared store, one node purges (each node's clock gives the same cutoffs
+        // anyway); a lease longer than any purge keeps the others out.
+        let ours = !store.shared()
+            || store
+                .lease("purge", node_id(), http::unix_ms() + retention.interval.as_millis() as i64)
+                .await
+                .unwrap_or(false);
+        if ours {
+            // In slices, each its own short transaction: pushes keep being committed
+            // between them instead of waiting behind one long delete.
+            let mut purged = 0;
+            loop {
+                match store.purge(cutoffs.clone(), PURGE_SLICE).await {
+                    Ok(n) => {
+                        purged += n;
+                        if n < PURGE_SLICE {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "purge failed; will try again");
+                        break;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            if purged > 0 {
+                info!(records = purged, "purged records past their retention");
+            }
         }
         tokio::time::sleep(retention.interval).await;
     }

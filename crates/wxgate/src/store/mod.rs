@@ -198,6 +198,7 @@ enum Op {
     /// Deletes records older than their kind's cutoff; answers how many.
     Purge {
         cutoffs: Vec<(Option<String>, i64)>,
+        limit: usize,
         done: Reply<usize>,
     },
     /// Queues a background delivery of a recorded push.
@@ -401,8 +402,14 @@ impl Store {
     /// Deletes records received before a cutoff (Unix ms): each `(Some(kind), cutoff)`
     /// for that kind, `(None, cutoff)` for every kind not named. Delivered and dead
     /// outbox entries go with their pushes. Answers how many records went.
-    pub async fn purge(&self, cutoffs: Vec<(Option<String>, i64)>) -> Result<usize, StoreError> {
-        self.ask(|done| Op::Purge { cutoffs, done }).await
+    /// At most `limit` records go per kind and call: call again while it answers
+    /// `limit` or more.
+    pub async fn purge(
+        &self,
+        cutoffs: Vec<(Option<String>, i64)>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.ask(|done| Op::Purge { cutoffs, limit, done }).await
     }
 
     /// Deletes every record and outbox entry of one follower of an account, except the
@@ -839,14 +846,18 @@ fn commit(
                 )?;
                 Some(OpResult::Count(n))
             }
-            Op::Purge { cutoffs, .. } => {
+            Op::Purge { cutoffs, limit, .. } => {
                 let named: Vec<&str> = cutoffs.iter().filter_map(|(k, _)| k.as_deref()).collect();
+                let limit = *limit as i64;
                 let mut n = 0;
                 for (kind, cutoff) in cutoffs {
                     n += match kind {
                         Some(kind) => db.exec(
-                            Sql::both("DELETE FROM pushes WHERE kind = ?1 AND received_at < ?2"),
-                            &[kind.as_str().into(), (*cutoff).into()],
+                            Sql::both(
+                                "DELETE FROM pushes WHERE id IN (SELECT id FROM pushes
+                                   WHERE kind = ?1 AND received_at < ?2 LIMIT ?3)",
+                            ),
+                            &[kind.as_str().into(), (*cutoff).into(), limit.into()],
                         )?,
                         None => {
                             // Every kind without a cutoff of its own.
@@ -854,22 +865,25 @@ fn commit(
                                 serde_json::to_string(&named).unwrap_or_else(|_| "[]".into());
                             db.exec(
                                 Sql {
-                                    sqlite: "DELETE FROM pushes WHERE received_at < ?1
-                                             AND kind NOT IN (SELECT value FROM json_each(?2))",
-                                    postgres: "DELETE FROM pushes WHERE received_at < ?1
-                                             AND kind NOT IN (SELECT json_array_elements_text(CAST(?2 AS json)))",
+                                    sqlite: "DELETE FROM pushes WHERE id IN (SELECT id FROM pushes
+                                               WHERE received_at < ?1
+                                               AND kind NOT IN (SELECT value FROM json_each(?2)) LIMIT ?3)",
+                                    postgres: "DELETE FROM pushes WHERE id IN (SELECT id FROM pushes
+                                               WHERE received_at < ?1
+                                               AND kind NOT IN (SELECT json_array_elements_text(CAST(?2 AS json))) LIMIT ?3)",
                                 },
-                                &[(*cutoff).into(), list.as_str().into()],
+                                &[(*cutoff).into(), list.as_str().into(), limit.into()],
                             )?
                         }
                     };
                 }
                 db.exec(
                     Sql::both(
-                        "DELETE FROM outbox WHERE state != 'pending'
-                           AND NOT EXISTS (SELECT 1 FROM pushes p WHERE p.account = outbox.account AND p.dedup_key = outbox.dedup_key)",
+                        "DELETE FROM outbox WHERE id IN (SELECT o.id FROM outbox o WHERE o.state != 'pending'
+                           AND NOT EXISTS (SELECT 1 FROM pushes p WHERE p.account = o.account AND p.dedup_key = o.dedup_key)
+                           LIMIT ?1)",
                     ),
-                    &[],
+                    &[limit.into()],
                 )?;
                 Some(OpResult::Count(n))
             }

@@ -302,10 +302,23 @@ async fn purge_and_forget_delete_what_they_should() {
         {
             store.insert(r).await.unwrap();
         }
-        // LOCATION has its own cutoff (not reached); the rest goes if older than 2000.
-        let n =
-            store.purge(vec![(Some("LOCATION_event".into()), 500), (None, 2_000)]).await.unwrap();
-        assert_eq!(n, 1, "{}", b.name);
+        for i in 0..5 {
+            let mut r = record("a", &format!("older{i}"), "dave", None);
+            r.received_at_ms = 1_000;
+            store.insert(r).await.unwrap();
+        }
+        // LOCATION has its own cutoff (not reached); the rest goes if older than 2000,
+        // in slices of at most `limit` per call.
+        let cutoffs = vec![(Some("LOCATION_event".to_owned()), 500), (None, 2_000)];
+        let mut slices = Vec::new();
+        loop {
+            let n = store.purge(cutoffs.clone(), 2).await.unwrap();
+            slices.push(n);
+            if n < 2 {
+                break;
+            }
+        }
+        assert_eq!(slices, [2, 2, 2, 0], "{}", b.name);
         assert_eq!(store.forget("a", "alice", None).await.unwrap(), 1, "{}", b.name);
         let at = b.at.clone();
         let keys: Vec<_> = blocking(move || store::read_all(at, None).unwrap())
