@@ -29,9 +29,9 @@ command -v wrk >/dev/null || { echo "bench: wrk is missing (apt-get install wrk)
 echo "bench: building" >&2
 cargo build --release --quiet --bin wxgate --example ceiling --example wrk_requests
 for w in plain safe; do
-  target/release/examples/wrk_requests "$w" "$COUNT" > "$WORK/$w.tsv"
+  ${CARGO_TARGET_DIR:-target}/release/examples/wrk_requests "$w" "$COUNT" > "$WORK/$w.tsv"
   # Warm-up pushes of their own, so that the measured run sends none twice.
-  target/release/examples/wrk_requests "$w" 60000 900000000 > "$WORK/$w.warm.tsv"
+  ${CARGO_TARGET_DIR:-target}/release/examples/wrk_requests "$w" 60000 900000000 > "$WORK/$w.warm.tsv"
 done
 
 if [[ " $PEERS " == *" wechatpy "* || " $PEERS " == *" werobot "* ]]; then
@@ -49,11 +49,11 @@ port=18400
 start() { # name -> starts it, sets PID and URL
   port=$((port + 1))
   case $1 in
-    ceiling) target/release/examples/ceiling "127.0.0.1:$port" 2>/dev/null & ;;
+    ceiling) ${CARGO_TARGET_DIR:-target}/release/examples/ceiling "127.0.0.1:$port" 2>/dev/null & ;;
     wxgate)
       mkdir -p "$WORK/wx"
       sed "s#^data_dir = .*#data_dir = \"$WORK/wx/data-$port\"#" wxgate.toml > "$WORK/wx/wxgate.toml"
-      target/release/wxgate serve --config "$WORK/wx/wxgate.toml" --listen "127.0.0.1:$port" 2>"$WORK/wx/log" & ;;
+      ${CARGO_TARGET_DIR:-target}/release/wxgate serve --config "$WORK/wx/wxgate.toml" --listen "127.0.0.1:$port" 2>"$WORK/wx/log" & ;;
     wechatpy) (cd bench/peers && exec ../.venv/bin/granian --interface wsgi --host 127.0.0.1 --port "$port" --workers 2 --no-ws wechatpy_app:app) >/dev/null 2>&1 & ;;
     werobot) (cd bench/peers && exec ../.venv/bin/granian --interface wsgi --host 127.0.0.1 --port "$port" --workers 2 --no-ws werobot_app:app) >/dev/null 2>&1 & ;;
     node) node bench/peers/node/server.js "$port" >/dev/null 2>&1 & ;;
