@@ -27,6 +27,8 @@ use crate::shared_token::{Shared, SharedTokens};
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node waits for another node's refresh before it asks the endpoint itself.
 const WAIT_FOR_REFRESH: Duration = Duration::from_secs(12);
+/// How long a node uses its own token after another held the refresh lock too long.
+const STUCK_LOCK_PAUSE: Duration = Duration::from_secs(300);
 /// How often a waiting node looks for the other node's new token.
 const REFRESH_POLL: Duration = Duration::from_millis(50);
 
@@ -63,6 +65,10 @@ pub struct WechatApi {
     /// This node's token; its lock also makes one refresh at a time on this node.
     token: Mutex<Option<Cached>>,
     shared: Option<Arc<SharedTokens>>,
+    /// Until when this node stops waiting for other nodes' refreshes: set when one
+    /// held the refresh lock past [`WAIT_FOR_REFRESH`] (a lock left behind, or a node
+    /// stuck), so that every later call does not wait that long again.
+    lock_stuck_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl WechatApi {
@@ -74,6 +80,7 @@ impl WechatApi {
             secret,
             token: Mutex::new(None),
             shared: None,
+            lock_stuck_until: std::sync::Mutex::new(None),
         }
     }
 
@@ -120,6 +127,10 @@ impl WechatApi {
         refused: Option<&str>,
     ) -> Result<String, ApiError> {
         let mut cached = self.token.lock().await;
+        let stuck = *self.lock_stuck_until.lock().unwrap_or_else(|p| p.into_inner());
+        if stuck.is_some_and(|until| Instant::now() < until) {
+            return self.own_token(cached, refused).await;
+        }
         let give_up_at = Instant::now() + WAIT_FOR_REFRESH;
         loop {
             match shared.get(&self.app_id).await {
@@ -143,11 +154,25 @@ impl WechatApi {
                 Ok(None) if Instant::now() < give_up_at => {
                     tokio::time::sleep(REFRESH_POLL).await;
                 }
-                // It takes too long (or Redis went away): fetch without sharing. The
-                // stable-token endpoint does not invalidate the other node's token.
-                Ok(None) | Err(_) => return self.own_token(cached, refused).await,
+                // It takes too long: fetch without sharing (the stable-token endpoint
+                // does not invalidate the other node's token), and for a while do not
+                // wait for that lock again.
+                Ok(None) => {
+                    self.note_stuck_lock();
+                    return self.own_token(cached, refused).await;
+                }
+                Err(_) => return self.own_token(cached, refused).await,
             }
         }
+    }
+
+    /// Another node held the refresh lock too long: stop waiting for it for a while.
+    fn note_stuck_lock(&self) {
+        let mut stuck = self.lock_stuck_until.lock().unwrap_or_else(|p| p.into_inner());
+        if stuck.is_none_or(|until| Instant::now() >= until) {
+            tracing::warn!(app_id = %self.app_id, "the shared token's refresh lock was held past {WAIT_FOR_REFRESH:?}; this node uses a token of its own for the next {STUCK_LOCK_PAUSE:?}");
+        }
+        *stuck = Some(Instant::now() + STUCK_LOCK_PAUSE);
     }
 
     /// Under the refresh lock: the token another node shared just before we took the

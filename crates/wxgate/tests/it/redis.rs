@@ -325,3 +325,39 @@ async fn a_redis_that_comes_back_is_used_again() {
     assert_eq!(shared.as_deref(), Some(token_of(&world.sent()[1]).as_str()), "shared again");
     assert_eq!(count_lines(&server, &mut logs, "Redis unreachable"), 1, "{logs:#?}");
 }
+
+#[tokio::test]
+async fn a_refresh_lock_left_behind_delays_one_late_reply_not_every_one() {
+    if !services::require(Service::Redis) {
+        return;
+    }
+    let world = World::start().await;
+    // Someone else's lock, with no expiry, and no token: no node will ever share one.
+    let client = redis::Client::open(Service::Redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:lock", world.key()))
+        .arg("someone-else")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let node = Server::start(&world.config(&Service::Redis.url()));
+    let followers: Vec<String> = (0..4).map(|n| world.follower(n)).collect();
+    let started = Instant::now();
+    let deliveries = followers.iter().enumerate().map(|(n, from)| {
+        let (world, node) = (&world, &node);
+        async move { late_reply(world, node, from, 100 + n as u64).await }
+    });
+    futures_util::future::join_all(deliveries).await;
+    // The first waits out the lock (12 s); the others use the node's own token at once.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while world.sent().len() < 4 {
+        assert!(Instant::now() < deadline, "{} of 4 sent", world.sent().len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "four late replies took {took:?}");
+    assert_eq!(world.token_calls().len(), 1, "one token of the node's own");
+    let mut seen = Vec::new();
+    assert_eq!(count_lines(&node, &mut seen, "refresh lock was held past"), 1, "{seen:#?}");
+}
