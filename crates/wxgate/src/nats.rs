@@ -249,6 +249,9 @@ impl Publisher {
                     info!(stream = %c.name, subjects = ?c.subjects, storage = ?c.storage, retention = ?c.retention, max_age_s = c.max_age.as_secs(), duplicate_window_s = c.duplicate_window.as_secs(), "NATS stream found; used as it is");
                 }
                 let sample = subject(&self.cfg.subject_prefix, "account", "kind");
+                if c.no_ack {
+                    warn!(stream = %c.name, "the NATS stream acknowledges nothing (no_ack); every publish will time out waiting for its ack");
+                }
                 if !c.subjects.iter().any(|p| subject_matches(p, &sample)) {
                     warn!(stream = %c.name, subjects = ?c.subjects, prefix = %self.cfg.subject_prefix, "the NATS stream does not take this server's subjects; publishes fail unless another stream does");
                 }

@@ -109,7 +109,14 @@ impl SharedTokens {
             -1 => Duration::from_secs(60),
             ms => Duration::from_millis(ms.max(0) as u64),
         };
-        Ok(value.filter(|v| !v.is_empty() && !ttl.is_zero()).map(|value| Shared { value, ttl }))
+        // Only what could be a token: anything else (garbage written by someone) would
+        // break every request it went into, so it counts as no token.
+        let plausible = |v: &String| {
+            !v.is_empty()
+                && v.len() <= 1024
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~*".contains(&b))
+        };
+        Ok(value.filter(|v| plausible(v) && !ttl.is_zero()).map(|value| Shared { value, ttl }))
     }
 
     /// Shares a token for `ttl`.

@@ -280,7 +280,7 @@ impl WechatApi {
                 CALL_TIMEOUT,
             )
             .await
-            .map_err(ApiError::Transport)?;
+            .map_err(|e| ApiError::Transport(scrub_token(&e)))?;
         if answer.status != 200 {
             return Err(ApiError::Transport(format!(
                 "HTTP {} from {}",
@@ -291,6 +291,22 @@ impl WechatApi {
         serde_json::from_slice(&answer.body)
             .map_err(|e| ApiError::Transport(format!("answer is not JSON: {e}")))
     }
+}
+
+/// `access_token=…` values hidden, for errors that quote a request's URL.
+fn scrub_token(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("access_token=") {
+        let (head, tail) = rest.split_at(at + "access_token=".len());
+        out.push_str(head);
+        out.push_str("***");
+        let end =
+            tail.find(|c: char| c == '&' || c == '"' || c.is_whitespace()).unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A shared token in this node's cache, fresh as long as it lives in Redis.
@@ -333,4 +349,18 @@ pub fn custom_message(openid: &str, reply: &Reply) -> Result<Option<Value>, ApiE
         }
     };
     Ok(Some(json!({ "touser": openid, "msgtype": kind, kind: body })))
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    #[test]
+    fn access_tokens_are_hidden_in_errors() {
+        assert_eq!(
+            super::scrub_token(
+                "invalid uri http://h/cgi?access_token=ABC&x=1 and access_token=DEF"
+            ),
+            "invalid uri http://h/cgi?access_token=***&x=1 and access_token=***"
+        );
+        assert_eq!(super::scrub_token("no token here"), "no token here");
+    }
 }
