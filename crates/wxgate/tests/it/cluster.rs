@@ -56,16 +56,20 @@ async fn start_hook() -> (Arc<Hook>, String) {
 /// A node's config: the shared database, short leases, forwards held for a retry; with a
 /// stream, every push is published to it too.
 fn node_config(database: &str, hook: &str, stream: Option<&TestStream>) -> String {
-    let nats = stream.map_or(String::new(), |s| {
-        format!(
-            "[nats]\nurl = \"{}\"\nstream = \"{}\"\nsubject_prefix = \"{}\"\n",
-            Service::Nats.url(),
-            s.name,
-            s.prefix
+    // With the stream, the whole set: the token shared through Redis too.
+    let (redis, nats) = stream.map_or((String::new(), String::new()), |s| {
+        (
+            format!("redis = \"{}\"\n", Service::Redis.url()),
+            format!(
+                "[nats]\nurl = \"{}\"\nstream = \"{}\"\nsubject_prefix = \"{}\"\n",
+                Service::Nats.url(),
+                s.name,
+                s.prefix
+            ),
         )
     });
     format!(
-        "database = \"{database}\"\n{nats}\
+        "database = \"{database}\"\n{redis}{nats}\
          [outbox]\npoll_ms = 20\nbackoff_ms = 40\nbackoff_max_ms = 200\nlease_ms = 400\norphan_after_ms = 1500\n\
          [[accounts]]\nname = \"cl\"\npath = \"/wx\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n\
          encoding_aes_key = \"{AES_KEY}\"\nmax_timestamp_skew_secs = 0\nforward_secret = \"{SECRET}\"\n\
@@ -144,7 +148,7 @@ async fn retries_across_three_nodes_join_the_first_and_run_once() {
     if !services::require(Service::Postgres) {
         return;
     }
-    if !services::require(Service::Nats) {
+    if !services::require(Service::Nats) || !services::require(Service::Redis) {
         return;
     }
     let db = PgDatabase::create();
