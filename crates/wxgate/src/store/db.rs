@@ -179,10 +179,11 @@ pub(crate) trait Db: Send {
     fn commit(&mut self) -> Result<(), String>;
     /// Abandons the open transaction, if any.
     fn rollback(&mut self);
-    /// Whether the database is reachable as far as the connection knows (a failure
-    /// while it is, is the database refusing a statement).
-    fn connected(&self) -> bool {
-        true
+    /// Whether `error`, from a batch, may be one record the database refuses (worth
+    /// trying the batch's ops one by one) rather than the database being unable to
+    /// write at all (gone, locked, timed out: trying again op by op only waits longer).
+    fn refused_a_record(&self, _error: &str) -> bool {
+        false
     }
     /// Runs a statement; answers how many rows it changed.
     fn exec(&mut self, sql: Sql, params: &[V<'_>]) -> Result<usize, String>;
@@ -603,8 +604,8 @@ const INSERT_MANY: &str =
     RETURNING account, dedup_key";
 
 impl Db for Postgres {
-    fn connected(&self) -> bool {
-        self.client.as_ref().is_some_and(|c| !c.is_closed())
+    fn refused_a_record(&self, error: &str) -> bool {
+        self.client.as_ref().is_some_and(|c| !c.is_closed()) && !error.contains("timeout")
     }
 
     fn insert_pushes(&mut self, records: &[&NewRecord]) -> Option<Result<Vec<bool>, String>> {

@@ -599,7 +599,11 @@ fn writer(mut conn: Box<dyn Db>, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
         let started = Instant::now();
         let mut outcome = transaction(conn.as_mut(), &batch, &mut results);
         let mut outcomes = vec![outcome.clone(); batch.len()];
-        if outcome.is_err() && batch.len() > 1 && conn.connected() {
+        let refused = match &outcome {
+            Err(StoreError::Write(e)) => conn.refused_a_record(e),
+            _ => false,
+        };
+        if refused && batch.len() > 1 {
             // The database is there but refused the batch: one record it cannot take
             // (or a deadlock with another node) must not fail the others. Each op alone.
             results.clear();
