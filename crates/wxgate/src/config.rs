@@ -202,8 +202,10 @@ impl fmt::Debug for Secret {
 /// the values of query parameters named `password` or `pass`.
 pub fn redacted_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let (before_query, query) = rest.split_once('?').map_or((rest, None), |(b, q)| (b, Some(q)));
-    let host_and_path = before_query.rsplit_once('@').map_or(before_query, |(_, h)| h);
+    // Everything up to the last `@` may be user information, whatever it holds (a
+    // password may hold `/`, `?`, `#` or `@`): better too much hidden than a password.
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+    let (host_and_path, query) = rest.split_once('?').map_or((rest, None), |(b, q)| (b, Some(q)));
     let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
     let query = query.map_or(String::new(), |q| {
         let pairs: Vec<String> = q
@@ -894,6 +896,8 @@ encoding_aes_key = "Rk9vYmFyQmF6UXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWQ"
         assert_eq!(redacted_url("redis://h/a@b"), "redis://b");
         assert_eq!(redacted_url("postgres://u:S3cr/et@h:5432/db"), "postgres://h:5432/db");
         assert_eq!(redacted_url("postgres://u:a@b@h/db"), "postgres://h/db");
+        assert_eq!(redacted_url("postgres://u:ZQX1?q@h:5432/db"), "postgres://h:5432/db");
+        assert_eq!(redacted_url("postgres://u:p#x@h/db"), "postgres://h/db");
         assert_eq!(
             redacted_url("postgres://u@h/db?password=S3cret&x=1"),
             "postgres://h/db?password=***&x=1"

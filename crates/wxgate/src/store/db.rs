@@ -330,6 +330,8 @@ struct Postgres {
     /// Set by a reconnect: the database may have been recreated since, so the next
     /// transaction makes sure the schema is there.
     check_schema: bool,
+    /// Whether a transaction is open (so that ROLLBACK is only sent into one).
+    in_tx: bool,
 }
 
 impl Postgres {
@@ -339,6 +341,7 @@ impl Postgres {
             client: None,
             prepared: HashMap::new(),
             check_schema: false,
+            in_tx: false,
         };
         db.client()?;
         db.check_schema = false;
@@ -371,28 +374,28 @@ impl Postgres {
 
     /// Runs the migrations not yet applied, one node at a time (an advisory lock).
     fn migrate(&mut self) -> Result<(), String> {
-        let client = self.client()?;
-        let mut tx = client.transaction().map_err(|e| describe(&e))?;
-        tx.batch_execute(
-            "SET LOCAL client_min_messages = warning;
-             SELECT pg_advisory_xact_lock(7873203477);
-             CREATE TABLE IF NOT EXISTS wxgate_schema (version BIGINT NOT NULL)",
-        )
-        .map_err(|e| describe(&e))?;
-        let version: i64 = tx
-            .query_opt("SELECT version FROM wxgate_schema", &[])
-            .map_err(|e| describe(&e))?
-            .map_or(0, |r| r.get(0));
-        for (i, sql) in POSTGRES_MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-            tx.batch_execute(sql).map_err(|e| format!("migration {}: {}", i + 1, describe(&e)))?;
-        }
-        let latest = POSTGRES_MIGRATIONS.len() as i64;
-        if version < latest {
-            tx.execute("DELETE FROM wxgate_schema", &[]).map_err(|e| describe(&e))?;
-            tx.execute("INSERT INTO wxgate_schema (version) VALUES ($1)", &[&latest])
-                .map_err(|e| describe(&e))?;
-        }
-        tx.commit().map_err(|e| describe(&e))
+        self.client()?;
+        let client = self.client.as_mut().expect("connected above");
+        let migrated = (|| {
+            let mut tx = client.transaction()?;
+            tx.batch_execute(
+                "SET LOCAL client_min_messages = warning;
+                 SELECT pg_advisory_xact_lock(7873203477);
+                 CREATE TABLE IF NOT EXISTS wxgate_schema (version BIGINT NOT NULL)",
+            )?;
+            let version: i64 =
+                tx.query_opt("SELECT version FROM wxgate_schema", &[])?.map_or(0, |r| r.get(0));
+            for sql in POSTGRES_MIGRATIONS.iter().skip(version.max(0) as usize) {
+                tx.batch_execute(sql)?;
+            }
+            let latest = POSTGRES_MIGRATIONS.len() as i64;
+            if version < latest {
+                tx.execute("DELETE FROM wxgate_schema", &[])?;
+                tx.execute("INSERT INTO wxgate_schema (version) VALUES ($1)", &[&latest])?;
+            }
+            tx.commit()
+        })();
+        migrated.map_err(|e| format!("migrating the schema: {}", self.failed(&e)))
     }
 
     fn statement(&mut self, sql: Sql) -> Result<postgres::Statement, String> {
@@ -421,7 +424,19 @@ impl Postgres {
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             owned.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
         let client = self.client()?;
-        f(client, &stmt, &refs).map_err(|e| describe(&e))
+        let result = f(client, &stmt, &refs);
+        result.map_err(|e| self.failed(&e))
+    }
+
+    /// Describes a failure; a connection whose session cannot write (a read-only
+    /// default, as on a standby after a failover) is dropped, so that the next
+    /// transaction connects afresh and finds the database as it is now.
+    fn failed(&mut self, e: &postgres::Error) -> String {
+        if e.code() == Some(&postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+            self.client = None;
+            self.prepared.clear();
+        }
+        describe(e)
     }
 }
 
@@ -496,7 +511,7 @@ impl Postgres {
                     &status,
                 ],
             )
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| self.failed(&e))?;
         let mut inserted: std::collections::HashSet<(String, String)> =
             rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         // A key twice in one batch: its first push is the one inserted.
@@ -620,15 +635,21 @@ impl Db for Postgres {
             self.check_schema = true;
             return Err(e);
         }
-        self.client()?.batch_execute("BEGIN").map_err(|e| describe(&e))
+        let begun = self.client()?.batch_execute("BEGIN");
+        self.in_tx = begun.is_ok();
+        begun.map_err(|e| self.failed(&e))
     }
 
     fn commit(&mut self) -> Result<(), String> {
-        self.client()?.batch_execute("COMMIT").map_err(|e| describe(&e))
+        self.in_tx = false;
+        let committed = self.client()?.batch_execute("COMMIT");
+        committed.map_err(|e| self.failed(&e))
     }
 
     fn rollback(&mut self) {
-        if let Some(c) = self.client.as_mut().filter(|c| !c.is_closed()) {
+        if std::mem::take(&mut self.in_tx)
+            && let Some(c) = self.client.as_mut().filter(|c| !c.is_closed())
+        {
             let _ = c.batch_execute("ROLLBACK");
         }
     }
