@@ -22,6 +22,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_pushes.sql"),
     include_str!("../../migrations/postgres/0002_forwarding.sql"),
     include_str!("../../migrations/postgres/0003_leases.sql"),
+    include_str!("../../migrations/postgres/0004_long_openids.sql"),
 ];
 
 /// Where the store lives.

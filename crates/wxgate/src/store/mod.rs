@@ -731,6 +731,23 @@ const ENQUEUE: Sql = Sql::both(
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT DO NOTHING",
 );
 
+/// The follower an outbox entry is queued under: the OpenID itself, or for one too
+/// long to index (no real OpenID is; an authentic push may still carry one) its start
+/// and a digest of the whole, the same for every entry of that follower.
+fn follower_key(openid: &str) -> std::borrow::Cow<'_, str> {
+    const LONGEST: usize = 256;
+    if openid.len() <= LONGEST {
+        return openid.into();
+    }
+    let mut cut = LONGEST / 2;
+    while !openid.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(openid.as_bytes());
+    format!("{}~{}", &openid[..cut], hex::encode(digest)).into()
+}
+
 /// Runs a batch's ops inside the open transaction.
 fn commit(
     db: &mut dyn Db,
@@ -779,7 +796,8 @@ fn commit(
                     )?,
                 };
                 let inserted = if changed == 1 {
-                    let follower = r.from_user.as_deref().unwrap_or_default();
+                    let follower = follower_key(r.from_user.as_deref().unwrap_or_default());
+                    let follower = follower.as_ref();
                     for o in &r.outbox {
                         db.exec(
                             ENQUEUE,
@@ -897,7 +915,7 @@ fn commit(
                     &[
                         account.into(),
                         dedup_key.into(),
-                        follower.into(),
+                        follower_key(follower).as_ref().into(),
                         (&entry.url).into(),
                         (&entry.payload).into(),
                         now_ms().into(),
@@ -917,7 +935,7 @@ fn commit(
                     Sql::both(
                         "DELETE FROM outbox WHERE account = ?1 AND follower = ?2 AND dedup_key IS DISTINCT FROM ?3",
                     ),
-                    &[account.into(), openid.into(), keep.into()],
+                    &[account.into(), follower_key(openid).as_ref().into(), keep.into()],
                 )?;
                 Some(OpResult::Count(n))
             }

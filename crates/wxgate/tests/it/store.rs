@@ -451,3 +451,36 @@ async fn a_read_only_postgres_is_not_ready() {
     store.probe(Duration::from_secs(5)).await.unwrap();
     assert_eq!(store.insert(record("a", "rw", "o", None)).await.unwrap(), Inserted::New);
 }
+
+#[tokio::test]
+async fn a_follower_with_a_huge_openid_is_stored_queued_and_forgotten() {
+    for b in backends() {
+        let store = Store::open(&b.at).unwrap();
+        // Random, so that PostgreSQL cannot compress it under an index entry's limit.
+        let mut noise = [0u8; 3000];
+        getrandom::fill(&mut noise).unwrap();
+        let openid = hex::encode(noise);
+        for key in ["h1", "h2"] {
+            let mut r = record("a", key, &openid, None);
+            r.outbox =
+                vec![OutboxEntry { url: "http://127.0.0.1:9/h".into(), payload: key.into() }];
+            assert_eq!(store.insert(r).await.unwrap(), Inserted::New, "{}", b.name);
+        }
+        // Still one follower: one entry due at a time.
+        let s = store.clone();
+        let due = blocking(move || s.due(now_ms() + 1, 10).unwrap()).await;
+        assert_eq!(
+            due.iter().map(|d| d.dedup_key.as_str()).collect::<Vec<_>>(),
+            ["h1"],
+            "{}",
+            b.name
+        );
+        assert_eq!(store.forget("a", &openid, None).await.unwrap(), 2, "{}", b.name);
+        let at = b.at.clone();
+        assert!(
+            blocking(move || store::outbox_list(&at, None).unwrap()).await.is_empty(),
+            "{}",
+            b.name
+        );
+    }
+}
