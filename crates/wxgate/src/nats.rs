@@ -47,6 +47,9 @@ pub enum PublishError {
     TooLarge(usize, usize),
 }
 
+/// Bytes of a message's header block besides the Msg-Id itself, with margin.
+const HEADER_OVERHEAD: usize = 64;
+
 /// Who publishes: the outbox (background) or the push's own delivery (before reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -323,9 +326,11 @@ impl Publisher {
         if js.client().connection_state() != async_nats::connection::State::Connected {
             return Err(PublishError::NotConnected);
         }
+        // The server counts the header block (`NATS/1.0`, `Nats-Msg-Id: …`) too.
         let limit = js.client().server_info().max_payload;
-        if limit > 0 && payload.len() > limit {
-            return Err(PublishError::TooLarge(payload.len(), limit));
+        let size = payload.len() + msg_id.len() + HEADER_OVERHEAD;
+        if limit > 0 && size > limit {
+            return Err(PublishError::TooLarge(size, limit));
         }
         if !self.stream_ready.load(Ordering::SeqCst) {
             self.ensure_stream(false).await?;

@@ -187,7 +187,11 @@ async fn deliver(targets: &Targets, store: &Store, cfg: OutboxConfig, entry: Due
     let mut hopeless = false;
     let (result, waiting) = match entry.url.strip_prefix(nats::SCHEME) {
         Some(subject) => match publish(targets, &entry, subject).await {
-            Err(e @ PublishError::NotConnected) => (Err(e.to_string()), true),
+            // Not connected, or connected to a server that does not answer (hung): the
+            // entry waits for it, as for an outage.
+            Err(e @ (PublishError::NotConnected | PublishError::TimedOut(_))) => {
+                (Err(e.to_string()), true)
+            }
             Err(e @ PublishError::TooLarge(..)) => {
                 hopeless = true;
                 (Err(e.to_string()), false)
