@@ -28,6 +28,8 @@ use crate::store::{Attempted, Due, Store};
 
 /// How long one background delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a claimed entry is kept from other nodes: longer than any delivery.
+const CLAIM: Duration = Duration::from_secs(30);
 /// Most entries attempted at once (and read per look): with the default 200 ms between
 /// looks, the outbox hands on up to about 2,500 entries a second.
 const BATCH: usize = 512;
@@ -116,8 +118,22 @@ impl Worker {
                 }
                 Err(_) => Vec::new(),
             };
-            for entry in due {
-                // The oldest pending entry of a follower stays due while it is being
+            // Claimed before they go: with several nodes, a lease that moves on while an
+            // entry is on its way must not hand the same entry to another node.
+            let due: Vec<Due> = {
+                let busy = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                let room = BATCH.saturating_sub(busy.len());
+                due.into_iter().filter(|e| !busy.contains(&e.id)).take(room).collect()
+            };
+            let claimed = if due.is_empty() {
+                Vec::new()
+            } else {
+                let ids = due.iter().map(|e| e.id).collect();
+                let until = unix_ms() + CLAIM.as_millis() as i64;
+                self.store.claim(ids, until).await.unwrap_or_default()
+            };
+            for entry in due.into_iter().filter(|e| claimed.contains(&e.id)) {
+                // The oldest pending entry of a follower stays claimed while it is being
                 // delivered; one delivery per follower at a time keeps their order.
                 {
                     let mut busy = in_flight.lock().unwrap_or_else(|p| p.into_inner());

@@ -216,6 +216,13 @@ enum Op {
         keep: Option<String>,
         done: Reply<usize>,
     },
+    /// Claims due outbox entries for one delivery each, until `until_ms`: answers the
+    /// ids that were still due (so that no other node delivers them meanwhile).
+    Claim {
+        ids: Vec<i64>,
+        until_ms: i64,
+        done: Reply<Vec<i64>>,
+    },
     /// Takes or renews a lease; answers whether `holder` has it until `until_ms`.
     Lease {
         name: String,
@@ -446,6 +453,13 @@ impl Store {
         }
     }
 
+    /// Claims due outbox entries until `until_ms` (their next try moves there, so no
+    /// other node takes them meanwhile; the attempt's result sets it again). Answers
+    /// the ids claimed: those still pending and due.
+    pub async fn claim(&self, ids: Vec<i64>, until_ms: i64) -> Result<Vec<i64>, StoreError> {
+        self.ask(|done| Op::Claim { ids, until_ms, done }).await
+    }
+
     /// Counts one more delivery of a recorded push; best effort, nobody waits for it.
     pub fn note_retry(&self, account: &str, dedup_key: &str) {
         let _ = self
@@ -651,6 +665,10 @@ fn writer(mut conn: Box<dyn Db>, mut rx: mpsc::Receiver<Op>, shared: &Shared) {
                     let held = matches!(result, Some(OpResult::Count(1)));
                     let _ = done.send(outcome.clone().map(|()| held));
                 }
+                Op::Claim { done, .. } => {
+                    let ids = if let Some(OpResult::Ids(ids)) = result { ids } else { Vec::new() };
+                    let _ = done.send(outcome.clone().map(|()| ids));
+                }
                 Op::Retry { .. } | Op::Close => {}
             }
         }
@@ -713,6 +731,7 @@ fn now_ms() -> i64 {
 enum OpResult {
     Inserted(Inserted),
     Count(usize),
+    Ids(Vec<i64>),
 }
 
 const INSERT: Sql = Sql::both(
@@ -949,6 +968,22 @@ fn commit(
                     &[name.into(), holder.into(), (*until_ms).into(), now_ms().into()],
                 )?;
                 Some(OpResult::Count(n))
+            }
+            Op::Claim { ids, until_ms, .. } => {
+                let now = now_ms();
+                let mut claimed = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let n = db.exec(
+                        Sql::both(
+                            "UPDATE outbox SET next_at = ?2 WHERE id = ?1 AND state = 'pending' AND next_at <= ?3",
+                        ),
+                        &[(*id).into(), (*until_ms).into(), now.into()],
+                    )?;
+                    if n == 1 {
+                        claimed.push(*id);
+                    }
+                }
+                Some(OpResult::Ids(claimed))
             }
             Op::Retry { account, dedup_key } => {
                 db.exec(COUNT_DELIVERY, &[account.into(), dedup_key.into()])?;

@@ -70,7 +70,7 @@ fn node_config(database: &str, hook: &str, stream: Option<&TestStream>) -> Strin
     });
     format!(
         "database = \"{database}\"\n{redis}{nats}\
-         [outbox]\npoll_ms = 20\nbackoff_ms = 40\nbackoff_max_ms = 200\nlease_ms = 400\norphan_after_ms = 1500\n\
+         [outbox]\npoll_ms = 20\nbackoff_ms = 40\nbackoff_max_ms = 200\nlease_ms = 1000\norphan_after_ms = 1500\n\
          [[accounts]]\nname = \"cl\"\npath = \"/wx\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n\
          encoding_aes_key = \"{AES_KEY}\"\nmax_timestamp_skew_secs = 0\nforward_secret = \"{SECRET}\"\n\
          reply_budget_ms = 250\nlate_reply = \"hold_for_retry\"\nwechat_attempts = 3\n\

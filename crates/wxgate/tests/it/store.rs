@@ -272,6 +272,21 @@ async fn the_outbox_keeps_order_retries_parks_and_redrives() {
         // wait for his first.
         let keys: Vec<_> = due(&store).await.into_iter().map(|d| (d.dedup_key, d.url)).collect();
         assert_eq!(keys.iter().filter(|(k, _)| k == "3").count(), 2, "{}: {keys:?}", b.name);
+        // A claimed entry is no one else's until its claim ends (another node that took
+        // the outbox lease meanwhile does not deliver it again).
+        let other = Store::open(&b.at).unwrap();
+        let now = now_ms();
+        let ids: Vec<i64> = due(&store).await.into_iter().map(|d| d.id).collect();
+        let mine = store.claim(ids.clone(), now + 60_000).await.unwrap();
+        assert_eq!(mine, ids, "{}", b.name);
+        assert!(other.claim(ids.clone(), now + 60_000).await.unwrap().is_empty(), "{}", b.name);
+        assert!(due(&other).await.is_empty(), "{}: claimed entries are not due", b.name);
+        for id in &ids {
+            store
+                .attempted(*id, Attempted::Deferred { reason: "test".into(), next_at_ms: 0 })
+                .await
+                .unwrap();
+        }
         // Every NATS subject is one destination: one stream, read in order.
         for (key, subject) in [("c1", "nats:wx.a.text_message"), ("c2", "nats:wx.a.CLICK_event")] {
             let mut r = record("a", key, "carol", None);
