@@ -28,8 +28,9 @@ use crate::store::{Attempted, Due, Store};
 
 /// How long one background delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a claimed entry is kept from other nodes: longer than any delivery.
-const CLAIM: Duration = Duration::from_secs(30);
+/// How long a claimed entry is kept from other nodes: longer than any delivery (a
+/// delivery times out after 10 s). After a crash, its entries are due again then.
+const CLAIM: Duration = Duration::from_secs(12);
 /// Most entries attempted at once (and read per look): with the default 200 ms between
 /// looks, the outbox hands on up to about 2,500 entries a second.
 const BATCH: usize = 512;
@@ -125,10 +126,12 @@ impl Worker {
                 let room = BATCH.saturating_sub(busy.len());
                 due.into_iter().filter(|e| !busy.contains(&e.id)).take(room).collect()
             };
-            let claimed = if due.is_empty() {
-                Vec::new()
+            let ids: Vec<i64> = due.iter().map(|e| e.id).collect();
+            let claimed = if !self.store.shared() || ids.is_empty() {
+                // One node: its own in-flight set is enough, and a restart finds every
+                // entry due at once.
+                ids
             } else {
-                let ids = due.iter().map(|e| e.id).collect();
                 let until = unix_ms() + CLAIM.as_millis() as i64;
                 self.store.claim(ids, until).await.unwrap_or_default()
             };
