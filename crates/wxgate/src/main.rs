@@ -154,6 +154,10 @@ fn serve(
     listen: Option<String>,
     metrics_listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
+    // First of all: a SIGHUP during start-up (a reload sent early) must not end the
+    // process, so it is caught before the config is read or anything slow runs.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let hangups = runtime.block_on(async { wxgate::live::Hangups::listen() });
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The NATS client logs every failed reconnect at info; wxgate logs an outage once.
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("async_nats")) {
@@ -175,10 +179,7 @@ fn serve(
         Some(l) => (wxgate::sim::cli::resolve("--listen", l)?, l.clone()),
         None => (vec![config.listen], config.listen.to_string()),
     };
-    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        // Before anything slow: a SIGHUP during start-up must not end the process.
-        let hangups = wxgate::live::Hangups::listen();
         let app = wxgate::build(&config)?;
         tracing::info!(
             store = %app.store.location().display(),
