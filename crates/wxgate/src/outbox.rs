@@ -136,7 +136,7 @@ impl Worker {
                 self.store.claim(ids, until).await.unwrap_or_default()
             };
             for entry in due.into_iter().filter(|e| claimed.contains(&e.id)) {
-                // The oldest pending entry of a follower stays claimed while it is being
+                // The oldest pending entry of a follower stays its head while it is being
                 // delivered; one delivery per follower at a time keeps their order.
                 {
                     let mut busy = in_flight.lock().unwrap_or_else(|p| p.into_inner());
