@@ -44,7 +44,7 @@ impl Location {
     pub fn display(&self) -> String {
         match self {
             Location::Sqlite(dir) => dir.join("wxgate.db").display().to_string(),
-            Location::Postgres(url) => redact(url),
+            Location::Postgres(url) => crate::config::redacted_url(url),
         }
     }
 }
@@ -65,11 +65,6 @@ impl From<&PathBuf> for Location {
     fn from(dir: &PathBuf) -> Location {
         Location::Sqlite(dir.clone())
     }
-}
-
-/// A URL without the credentials it may carry (see [`crate::config::redacted_url`]).
-pub fn redact(url: &str) -> String {
-    crate::config::redacted_url(url)
 }
 
 /// A statement; `?1`, `?2`… mark its parameters in both texts.
@@ -699,7 +694,7 @@ mod tests {
 
     #[test]
     fn passwords_never_show() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://h:5432/db");
-        assert_eq!(redact("postgres://u:S3cr/et@h:5432/db"), "postgres://h:5432/db");
+        let at = Location::Postgres("postgres://u:S3cr/et@h:5432/db".into());
+        assert_eq!(at.display(), "postgres://h:5432/db");
     }
 }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+pub use db::Location;
 use db::{Db, Sql, V, Val};
-pub use db::{Location, redact};
 
 /// The leases nodes take: the outbox, and the sweep of orphaned forwards.
 pub const LEASES: [&str; 2] = ["outbox", "sweep"];
@@ -467,11 +467,9 @@ impl Store {
             .try_send(Op::Retry { account: account.to_owned(), dedup_key: dedup_key.to_owned() });
     }
 
-    /// Runs a read on the handle's own connection (kept between calls). Blocks.
-    fn read<T: Send>(
-        &self,
-        f: impl FnOnce(&mut dyn Db) -> Result<T, String> + Send,
-    ) -> Result<Option<T>, StoreError> {
+    /// Runs a query on the handle's own connection (kept between calls); no rows when
+    /// an embedded store was never created. Blocks.
+    fn select(&self, sql: Sql, params: &[V<'_>]) -> Result<Vec<Vec<Val>>, StoreError> {
         let mut guard = lock(&self.shared.reader);
         let slot: &mut Option<Box<dyn Db>> = &mut guard;
         let at = &self.at;
@@ -479,13 +477,13 @@ impl Store {
             if slot.is_none() {
                 *slot = db::open_reader(at)?;
             }
-            let Some(conn) = slot.as_mut() else { return Ok(None) };
-            let result = f(conn.as_mut());
+            let Some(conn) = slot.as_mut() else { return Ok(Vec::new()) };
+            let result = conn.query(sql, params);
             if result.is_err() {
                 // The server may have gone away: connect afresh next time.
                 *slot = None;
             }
-            result.map(Some).map_err(StoreError::Read)
+            result.map_err(StoreError::Read)
         })
     }
 
@@ -502,9 +500,8 @@ impl Store {
                                = CASE WHEN o.url LIKE 'nats:%' THEN 'nats:' ELSE o.url END)
              ORDER BY o.next_at, o.id LIMIT ?2",
         );
-        let rows = self.read(|db| db.query(DUE, &[now_ms.into(), (limit as i64).into()]))?;
+        let rows = self.select(DUE, &[now_ms.into(), (limit as i64).into()])?;
         Ok(rows
-            .unwrap_or_default()
             .into_iter()
             .map(|r| Due {
                 id: r[0].i64(),
@@ -527,9 +524,8 @@ impl Store {
             "SELECT account, dedup_key, CASE WHEN status = 'late' THEN NULL ELSE reply END FROM pushes
              WHERE received_at >= ?1 AND status IN ('answered', 'late') ORDER BY id DESC LIMIT ?2",
         );
-        let rows = self.read(|db| db.query(RECENT, &[since_ms.into(), (limit as i64).into()]))?;
+        let rows = self.select(RECENT, &[since_ms.into(), (limit as i64).into()])?;
         Ok(rows
-            .unwrap_or_default()
             .into_iter()
             .map(|r| RecentKey {
                 account: r[0].text(),
@@ -548,8 +544,8 @@ impl Store {
         const STANDING: Sql = Sql::both(
             "SELECT reply, status, deliveries FROM pushes WHERE account = ?1 AND dedup_key = ?2",
         );
-        let rows = self.read(|db| db.query(STANDING, &[account.into(), dedup_key.into()]))?;
-        Ok(rows.unwrap_or_default().first().map(|r| Standing {
+        let rows = self.select(STANDING, &[account.into(), dedup_key.into()])?;
+        Ok(rows.first().map(|r| Standing {
             reply: r[0].opt_text(),
             status: Status::parse(&r[1].text()),
             deliveries: r[2].i64(),
@@ -572,14 +568,12 @@ fn off_runtime<T: Send>(at: &Location, f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
-/// A one-off read of the store at `at`; `None` when an embedded store was never created.
-fn read_once<T: Send>(
-    at: &Location,
-    f: impl FnOnce(&mut dyn Db) -> Result<T, String> + Send,
-) -> Result<Option<T>, StoreError> {
+/// A one-off query of the store at `at`; no rows when an embedded store was never
+/// created.
+fn select_once(at: &Location, sql: Sql, params: &[V<'_>]) -> Result<Vec<Vec<Val>>, StoreError> {
     off_runtime(at, || {
-        let Some(mut conn) = db::open_reader(at)? else { return Ok(None) };
-        f(conn.as_mut()).map(Some).map_err(StoreError::Read)
+        let Some(mut conn) = db::open_reader(at)? else { return Ok(Vec::new()) };
+        conn.query(sql, params).map_err(StoreError::Read)
     })
 }
 
@@ -1050,35 +1044,28 @@ pub fn interrupted_forwards(
     at: &Location,
     before_ms: i64,
 ) -> Result<Vec<(String, String, String)>, StoreError> {
-    let rows = read_once(at, |db| {
-        db.query(
-            Sql::both(
-                "SELECT account, dedup_key, xml FROM pushes
+    let rows = select_once(
+        at,
+        Sql::both(
+            "SELECT account, dedup_key, xml FROM pushes
                  WHERE status = 'forwarding' AND received_at < ?1 ORDER BY id",
-            ),
-            &[before_ms.into()],
-        )
-    })?;
-    Ok(rows
-        .unwrap_or_default()
-        .into_iter()
-        .map(|r| (r[0].text(), r[1].text(), r[2].text()))
-        .collect())
+        ),
+        &[before_ms.into()],
+    )?;
+    Ok(rows.into_iter().map(|r| (r[0].text(), r[1].text(), r[2].text())).collect())
 }
 
 /// Outbox entries, oldest first, optionally in one state.
 pub fn outbox_list(at: &Location, state: Option<&str>) -> Result<Vec<OutboxRow>, StoreError> {
-    let rows = read_once(at, |db| {
-        db.query(
-            Sql::both(
-                "SELECT id, account, dedup_key, follower, url, attempts, state, last_error, created_at, next_at
-                 FROM outbox WHERE CAST(?1 AS TEXT) IS NULL OR state = ?1 ORDER BY id",
-            ),
-            &[state.into()],
-        )
-    })?;
+    let rows = select_once(
+        at,
+        Sql::both(
+            "SELECT id, account, dedup_key, follower, url, attempts, state, last_error, created_at, next_at
+             FROM outbox WHERE CAST(?1 AS TEXT) IS NULL OR state = ?1 ORDER BY id",
+        ),
+        &[state.into()],
+    )?;
     Ok(rows
-        .unwrap_or_default()
         .into_iter()
         .map(|r| OutboxRow {
             id: r[0].i64(),
@@ -1099,17 +1086,16 @@ pub fn outbox_list(at: &Location, state: Option<&str>) -> Result<Vec<OutboxRow>,
 pub fn outbox_depth(at: &Location, now_ms: i64) -> Result<(i64, i64, i64), StoreError> {
     // Each part reads only the index range of its state: delivered entries, the bulk
     // of the table, are never scanned.
-    let rows = read_once(at, |db| {
-        db.query(
-            Sql::both(
-                "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
-                        (SELECT COUNT(*) FROM outbox WHERE state = 'dead'),
-                        COALESCE(CAST(?1 AS BIGINT) - (SELECT MIN(created_at) FROM outbox WHERE state = 'pending'), 0)",
-            ),
-            &[now_ms.into()],
-        )
-    })?;
-    Ok(rows.unwrap_or_default().first().map_or((0, 0, 0), |r| (r[0].i64(), r[1].i64(), r[2].i64())))
+    let rows = select_once(
+        at,
+        Sql::both(
+            "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
+                    (SELECT COUNT(*) FROM outbox WHERE state = 'dead'),
+                    COALESCE(CAST(?1 AS BIGINT) - (SELECT MIN(created_at) FROM outbox WHERE state = 'pending'), 0)",
+        ),
+        &[now_ms.into()],
+    )?;
+    Ok(rows.first().map_or((0, 0, 0), |r| (r[0].i64(), r[1].i64(), r[2].i64())))
 }
 
 /// Recorded pushes of one account and kind.
@@ -1126,18 +1112,16 @@ pub struct KindSummary {
 
 /// Recorded pushes per account and kind.
 pub fn summary(at: &Location) -> Result<Vec<KindSummary>, StoreError> {
-    let rows = read_once(at, |db| {
-        db.query(
-            Sql::both(
-                "SELECT account, kind, COUNT(*), CAST(SUM(CASE WHEN dead_letter THEN 1 ELSE 0 END) AS BIGINT),
-                        CAST(SUM(deliveries) AS BIGINT), MAX(received_at)
-                 FROM pushes GROUP BY account, kind ORDER BY account, kind",
-            ),
-            &[],
-        )
-    })?;
+    let rows = select_once(
+        at,
+        Sql::both(
+            "SELECT account, kind, COUNT(*), CAST(SUM(CASE WHEN dead_letter THEN 1 ELSE 0 END) AS BIGINT),
+                    CAST(SUM(deliveries) AS BIGINT), MAX(received_at)
+             FROM pushes GROUP BY account, kind ORDER BY account, kind",
+        ),
+        &[],
+    )?;
     Ok(rows
-        .unwrap_or_default()
         .into_iter()
         .map(|r| KindSummary {
             account: r[0].text(),
@@ -1153,17 +1137,16 @@ pub fn summary(at: &Location) -> Result<Vec<KindSummary>, StoreError> {
 /// Every recorded push of the store at `at`, oldest first, optionally of one account.
 pub fn read_all(at: impl Into<Location>, account: Option<&str>) -> Result<Vec<Row>, StoreError> {
     let at = at.into();
-    let rows = read_once(&at, |db| {
-        db.query(
-            Sql::both(
-                "SELECT id, account, dedup_key, kind, encrypted, xml, fields, reply, dead_letter, error,
-                        received_at, deliveries, status, late_result
-                 FROM pushes WHERE CAST(?1 AS TEXT) IS NULL OR account = ?1 ORDER BY id",
-            ),
-            &[account.into()],
-        )
-    })?;
-    Ok(rows.unwrap_or_default().into_iter().map(row).collect())
+    let rows = select_once(
+        &at,
+        Sql::both(
+            "SELECT id, account, dedup_key, kind, encrypted, xml, fields, reply, dead_letter, error,
+                    received_at, deliveries, status, late_result
+             FROM pushes WHERE CAST(?1 AS TEXT) IS NULL OR account = ?1 ORDER BY id",
+        ),
+        &[account.into()],
+    )?;
+    Ok(rows.into_iter().map(row).collect())
 }
 
 fn row(r: Vec<Val>) -> Row {
