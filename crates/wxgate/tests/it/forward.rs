@@ -17,7 +17,7 @@ use wxgate::sim::api::{Fault, MockApi, Options};
 use wxgate::sim::delivery::{Rules, deliver};
 use wxgate::sim::{Http, Mode, Seen, compose};
 
-use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, wechat};
+use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, eventually, wechat};
 
 const SECRET: &str = "hook-secret-for-tests";
 const USER: &str = "oForwardUser0000000000000001";
@@ -95,14 +95,6 @@ fn config(hook: &Hook, budget_ms: u64, extra: &str) -> String {
          [[accounts.rules]]\nwhen = {{ event = \"LOCATION\" }}\nreply = {{ forward = \"{url}\" }}\n",
         url = hook.url
     )
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

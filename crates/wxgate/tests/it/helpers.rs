@@ -269,3 +269,13 @@ pub fn same(got: &Value, want: &Value) -> bool {
         _ => got == want,
     }
 }
+
+/// Waits until `check` holds, looking every 20 ms; fails after 15 s (a bound that only
+/// catches a hang).
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -19,7 +19,7 @@ use wxgate::sim::api::{Call, Fault, MockApi, Options};
 use wxgate::sim::delivery::{Rules, deliver};
 use wxgate::sim::{Mode, Seen, compose};
 
-use crate::helpers::{AES_KEY, GH, Server, TOKEN};
+use crate::helpers::{AES_KEY, GH, Server, TOKEN, eventually};
 use crate::services::{self, Service};
 
 const SECRET: &str = "simsecret0000000000000000000000";
@@ -132,14 +132,6 @@ async fn late_reply(world: &World, server: &Server, from: &str, n: u64) {
     assert_eq!(report.seen, Seen::Nothing, "answered success at the budget: {:?}", report.attempts);
 }
 
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn token_of(call: &Call) -> String {
     call.query.split('&').find_map(|kv| kv.strip_prefix("access_token=")).unwrap().to_owned()
 }
@@ -174,7 +166,7 @@ async fn concurrent_late_replies_on_two_nodes_take_one_token_from_wechat() {
         late_reply(world_ref, node, from, n as u64).await;
     });
     futures_util::future::join_all(deliveries).await;
-    until("six late replies sent", || world.sent().len() == 6).await;
+    eventually("six late replies sent", || world.sent().len() == 6).await;
 
     assert_eq!(world.token_calls().len(), 1, "one node fetched, the other waited for it");
     let sent = world.sent();
@@ -201,7 +193,7 @@ async fn a_token_refused_on_both_nodes_is_replaced_once_for_both() {
     let (alice, bob, carol) = (world.follower(1), world.follower(2), world.follower(3));
 
     late_reply(&world, &a, &alice, 1).await;
-    until("the first late reply", || world.sent().len() == 1).await;
+    eventually("the first late reply", || world.sent().len() == 1).await;
     let first = token_of(&world.sent()[0]);
 
     // WeChat refuses the next two sends as if the token had been replaced elsewhere;
@@ -215,7 +207,7 @@ async fn a_token_refused_on_both_nodes_is_replaced_once_for_both() {
     });
     futures_util::future::join(late_reply(&world, &a, &bob, 2), late_reply(&world, &b, &carol, 3))
         .await;
-    until("both sent after the refusal", || world.sent().len() == 3).await;
+    eventually("both sent after the refusal", || world.sent().len() == 3).await;
 
     let calls = world.token_calls();
     let forced: Vec<_> = calls.iter().filter(|c| c.body["force_refresh"] == true).collect();
@@ -230,7 +222,7 @@ async fn a_token_refused_on_both_nodes_is_replaced_once_for_both() {
 
     // And later sends on either node keep using it, without another fetch.
     late_reply(&world, &b, &alice, 4).await;
-    until("a fourth send", || world.sent().len() == 4).await;
+    eventually("a fourth send", || world.sent().len() == 4).await;
     assert_eq!(token_of(&world.sent()[3]), new);
     assert_eq!(world.token_calls().len(), 3);
 }
@@ -246,7 +238,7 @@ async fn without_redis_late_replies_still_go_out() {
     for n in 0..4u32 {
         let node = if n % 2 == 0 { &a } else { &b };
         late_reply(&world, node, &world.follower(n), u64::from(n)).await;
-        until("the late reply is sent", || world.sent().len() == n as usize + 1).await;
+        eventually("the late reply is sent", || world.sent().len() == n as usize + 1).await;
     }
     // Each node fell back to its own cache: one fetch each.
     assert_eq!(world.token_calls().len(), 2);
@@ -307,16 +299,18 @@ async fn a_redis_that_comes_back_is_used_again() {
     let mut logs = server.startup.clone();
 
     late_reply(&world, &server, &world.follower(1), 1).await;
-    until("sent without Redis", || world.sent().len() == 1).await;
+    eventually("sent without Redis", || world.sent().len() == 1).await;
     assert_eq!(count_lines(&server, &mut logs, "Redis unreachable"), 1);
 
     redis.start();
     // After a failure the node leaves Redis alone for a second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     late_reply(&world, &server, &world.follower(2), 2).await;
-    until("sent with Redis back", || world.sent().len() == 2).await;
-    until("the recovery line", || count_lines(&server, &mut logs, "Redis reachable again") == 1)
-        .await;
+    eventually("sent with Redis back", || world.sent().len() == 2).await;
+    eventually("the recovery line", || {
+        count_lines(&server, &mut logs, "Redis reachable again") == 1
+    })
+    .await;
 
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
