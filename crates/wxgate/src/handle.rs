@@ -62,14 +62,19 @@ impl AccountState {
         match &self.nats {
             Some(nats) if self.account.publish == Publish::BeforeReply => {
                 // Side by side: the ack and the store's commit take their time together.
-                let key = push.dedup_key();
-                let (answered, published) = tokio::join!(
-                    self.answer(push, doc, encrypted, started),
-                    self.publish_now(nats, push, doc, &key, started),
-                );
-                let answered = answered?;
-                published?;
-                Ok(answered)
+                // Boxed, as the other rare paths: the task of every push holds its
+                // future, and this one would make all of them larger.
+                Box::pin(async {
+                    let key = push.dedup_key();
+                    let (answered, published) = tokio::join!(
+                        self.answer(push, doc, encrypted, started),
+                        self.publish_now(nats, push, doc, &key, started),
+                    );
+                    let answered = answered?;
+                    published?;
+                    Ok(answered)
+                })
+                .await
             }
             _ => self.answer(push, doc, encrypted, started).await,
         }
@@ -107,7 +112,8 @@ impl AccountState {
             }
             Action::Forward { url, .. } => {
                 let outbox = published.into_iter().collect();
-                self.forward_in_time(push, doc, encrypted, &key, &url, outbox, started).await?
+                Box::pin(self.forward_in_time(push, doc, encrypted, &key, &url, outbox, started))
+                    .await?
             }
         };
         if let (Outcome::Handled, Kind::Event(Event::UserAuthorization { event, open_id, .. })) =

@@ -438,7 +438,7 @@ impl AccountState {
         };
         let (outcome, answer, kind) = match parsed {
             Ok(push) => self.handle(&push, doc, encrypted, started).await?,
-            Err(e) => self.dead_letter(doc, encrypted, &e, started).await?,
+            Err(e) => Box::pin(self.dead_letter(doc, encrypted, &e, started)).await?,
         };
 
         let reply_kind = answer.reply.as_deref().and_then(reply_msg_type).unwrap_or("none");
