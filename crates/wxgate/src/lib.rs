@@ -15,6 +15,7 @@ pub mod forward;
 mod handle;
 pub mod http;
 pub mod live;
+pub mod log_writer;
 pub mod metrics;
 pub mod nats;
 pub mod outbox;

@@ -167,9 +167,11 @@ fn serve(
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("tokio_postgres")) {
         filter = filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"));
     }
+    // Info lines (one per push) are written out in batches; warnings at once.
+    let (writer, _flush_on_return) = wxgate::log_writer::Buffered::install();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = load_config(&path)?;

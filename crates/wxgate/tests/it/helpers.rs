@@ -109,9 +109,21 @@ impl Server {
         rows.iter().map(wxgate::events::to_json).collect()
     }
 
-    /// Log lines printed so far.
+    /// Log lines printed so far (and not returned before).
     pub fn logs(&self) -> Vec<String> {
         self.log.try_iter().collect()
+    }
+
+    /// Waits for a log line containing `needle` (info lines are written out in batches,
+    /// a few milliseconds apart) and returns every line printed so far.
+    pub async fn logs_with(&self, needle: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        eventually(&format!("a log line with {needle:?}"), || {
+            seen.extend(self.logs());
+            seen.iter().any(|l| l.contains(needle))
+        })
+        .await;
+        seen
     }
 
     /// Stops the process (SIGKILL) and returns its folder, e.g. to restart on it.
