@@ -1,7 +1,7 @@
 //! Log output for `serve`: lines gathered in memory and written to stderr together.
 //!
 //! Every push logs one line at info. Written one by one, that is a system call per push,
-//! about 2 µs of the server's CPU (measured, bench/RESULTS.md). Here info and debug
+//! 1.5–2.5 µs of the server's CPU (measured under wrk, info against warn). Info and debug
 //! lines go into a buffer that a thread writes out every [`INTERVAL`]; a warning or an
 //! error is written at once, after everything before it, so that what goes wrong is
 //! never late. A buffer that grows past [`LIMIT`] (stderr blocked, or a flood) is written
@@ -9,9 +9,12 @@
 //! [`Buffered::install`] writes out what is left when it is dropped, and a panic does so
 //! before it reports.
 //!
-//! What a `SIGKILL` can cost: the info lines of the last [`INTERVAL`].
+//! What a `SIGKILL` can cost: the info lines of the last [`INTERVAL`]. A reader of stderr
+//! that stops reading stops the server once the pipe and the buffer are full, as it would
+//! with unbuffered stderr.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -31,9 +34,12 @@ pub struct Buffered {
 
 struct Shared {
     pending: Mutex<Vec<u8>>,
-    /// Held while a batch is taken and written, so that batches keep their order.
-    output: Mutex<Box<dyn Write + Send>>,
+    /// Held while a batch is taken and written, so that batches keep their order; with
+    /// the emptied buffer of the last batch, swapped in for the next one.
+    output: Mutex<(Box<dyn Write + Send>, Vec<u8>)>,
     limit: usize,
+    /// No thread writes out (it stopped, or never started): every line is written at once.
+    direct: AtomicBool,
 }
 
 /// Writes out what is buffered when dropped; also stops the writing thread.
@@ -53,8 +59,9 @@ impl Buffered {
         let writer = Buffered {
             shared: Arc::new(Shared {
                 pending: Mutex::new(Vec::with_capacity(64 * 1024)),
-                output: Mutex::new(output),
+                output: Mutex::new((output, Vec::with_capacity(64 * 1024))),
                 limit,
+                direct: AtomicBool::new(false),
             }),
         };
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -70,6 +77,9 @@ impl Buffered {
                 }
             })
             .ok();
+        if thread.is_none() {
+            writer.shared.direct.store(true, Ordering::Relaxed);
+        }
         let guard = FlushGuard { writer: writer.clone(), stop: Some(stop), thread };
         (writer, guard)
     }
@@ -88,12 +98,14 @@ impl Buffered {
 
     /// Writes out everything buffered so far.
     pub fn flush(&self) {
-        let mut output = lock(&self.shared.output);
-        let batch = std::mem::take(&mut *lock(&self.shared.pending));
-        if !batch.is_empty() {
+        let mut guard = lock(&self.shared.output);
+        let (output, spare) = &mut *guard;
+        std::mem::swap(spare, &mut *lock(&self.shared.pending));
+        if !spare.is_empty() {
             // Nowhere to report a failed write to stderr; the lines are dropped.
-            let _ = output.write_all(&batch);
+            let _ = output.write_all(spare);
             let _ = output.flush();
+            spare.clear();
         }
     }
 }
@@ -104,6 +116,8 @@ impl Drop for FlushGuard {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // Lines logged from now on (while the runtime shuts down) go out at once.
+        self.writer.shared.direct.store(true, Ordering::Relaxed);
         self.writer.flush();
     }
 }
@@ -131,8 +145,9 @@ impl Write for Line<'_> {
 
 impl Drop for Line<'_> {
     fn drop(&mut self) {
-        let full = || lock(&self.writer.shared.pending).len() >= self.writer.shared.limit;
-        if self.urgent || full() {
+        let shared = &self.writer.shared;
+        let full = || lock(&shared.pending).len() >= shared.limit;
+        if self.urgent || shared.direct.load(Ordering::Relaxed) || full() {
             self.writer.flush();
         }
     }
@@ -200,6 +215,16 @@ mod tests {
         assert!(order.iter().all(Option::is_some), "all written by the warning: {text}");
         assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {text}");
         drop(guard);
+    }
+
+    #[test]
+    fn lines_after_the_guard_is_dropped_are_written_at_once() {
+        let sink = Sink::default();
+        let (writer, guard) =
+            Buffered::new(Box::new(sink.clone()), Duration::from_secs(3600), LIMIT);
+        drop(guard);
+        tracing::subscriber::with_default(subscriber(writer), || tracing::info!("late"));
+        assert!(sink.text().contains("late"), "{}", sink.text());
     }
 
     #[test]
