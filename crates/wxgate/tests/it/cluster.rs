@@ -17,7 +17,7 @@ use wxgate::sim::delivery::{Report, Rules, deliver_across};
 use wxgate::sim::{Http, Mode, Seen, compose};
 use wxgate_protocol::Push;
 
-use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, wechat};
+use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, every_forward_arrives, wechat};
 use crate::nats::TestStream;
 use crate::services::{self, PgDatabase, Service};
 
@@ -277,21 +277,7 @@ async fn a_node_killed_mid_run_loses_nothing_acknowledged() {
         .filter(|(_, _, inner, _)| !inner.contains("CLICK"))
         .map(|(_, k, _, _)| k)
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let d = hook.deliveries.lock().unwrap().clone();
-        let missing: Vec<_> = forwarded.iter().filter(|k| !d.contains_key(**k)).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} forwards never arrived, e.g. {:?}",
-            missing.len(),
-            missing[0]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    every_forward_arrives(&forwarded, |k| hook.deliveries.lock().unwrap().contains_key(k)).await;
     eprintln!(
         "cluster kill: {PUSHES} pushes, {} acknowledged, {} records, {} forwards",
         acked.len(),

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -16,7 +16,7 @@ use wxgate::sim::delivery::{Rules, deliver};
 use wxgate::sim::{self, Mode, compose};
 use wxgate_protocol::{EncodingAesKey, Push};
 
-use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN};
+use crate::helpers::{AES_KEY, APP_ID, GH, Server, TOKEN, every_forward_arrives};
 
 const SECRET: &str = "crash-test-secret";
 
@@ -160,21 +160,7 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
     // outbox, possibly after the restart), and each was handled once.
     let forwarded: Vec<&String> =
         acked_keys.iter().copied().filter(|k| !k.contains(":CLICK:")).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let handled = receiver.handled.lock().unwrap().clone();
-        let missing: Vec<_> = forwarded.iter().filter(|k| !handled.contains(**k)).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} forwards never arrived, e.g. {:?}",
-            missing.len(),
-            missing.first()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    every_forward_arrives(&forwarded, |k| receiver.handled.lock().unwrap().contains(k)).await;
     let deliveries = receiver.deliveries.lock().unwrap().len();
     let handled = receiver.handled.lock().unwrap().len();
     assert!(deliveries >= handled, "at least once");

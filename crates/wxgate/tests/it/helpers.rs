@@ -284,6 +284,24 @@ pub fn same(got: &Value, want: &Value) -> bool {
 
 /// Waits until `check` holds, looking every 20 ms; fails after 15 s (a bound that only
 /// catches a hang).
+/// Waits (up to 20 s) until `arrived` holds for every key; fails naming how many never did.
+pub async fn every_forward_arrives(keys: &[&String], arrived: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let missing: Vec<_> = keys.iter().filter(|k| !arrived(k.as_str())).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} forwards never arrived, e.g. {:?}",
+            missing.len(),
+            missing[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !check() {
